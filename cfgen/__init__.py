@@ -1,0 +1,32 @@
+"""cfgen: noise-matched counterfactual text for language-model interventions.
+
+The core (``gumbel_noise``, ``Sampler``, ``posterior_noise``) is pure tensor
+code; model glue is imported lazily so ``import cfgen`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .noise import gumbel_noise
+from .posterior import ImpossibleObservation, posterior_noise
+from .sampler import Sampler
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SamplerHook": "cfgen.hook",
+    "load_default_model": "cfgen.models",
+}
+
+__all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cfgen' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

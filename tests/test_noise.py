@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import cfgen
+from cfgen import noise as N
+
+
+def test_gumbel_marginal_ks():
+    # 16 rows x 4096 ids = 65,536 draws; a correct hash passes KS at p > 1e-3.
+    u = cfgen.gumbel_noise(torch.arange(16), 3, 4096).flatten().double().numpy()
+    assert stats.kstest(u, stats.gumbel_r.cdf).pvalue > 1e-3
+    assert np.isfinite(u).all()
+
+
+def test_no_correlation_across_ids_steps_and_seeds():
+    n = 20000  # |r| of independent draws stays below 4/sqrt(n) ~ 0.028 with overwhelming probability
+    seeds = torch.arange(n)
+    a = cfgen.gumbel_noise(seeds, 0, 8)
+    b = cfgen.gumbel_noise(seeds, 1, 8)
+    c = cfgen.gumbel_noise(seeds + 1, 0, 8)
+    bound = 4 / np.sqrt(n)
+    for v in range(7):
+        assert abs(np.corrcoef(a[:, v], a[:, v + 1])[0, 1]) < bound
+    for v in range(8):
+        assert abs(np.corrcoef(a[:, v], b[:, v])[0, 1]) < bound
+    # neighbouring seeds are unrelated
+    for v in range(8):
+        assert abs(np.corrcoef(a[:, v], c[:, v])[0, 1]) < bound
+    assert torch.equal(a[1:], c[:-1])  # seed s+1 is the same row wherever it appears
+
+
+def test_low_bits_of_keys_do_not_alias_rows():
+    # Rows whose keys differ in low bits must not share a permuted noise vector.
+    u = N.uniform_bits(torch.zeros(512, dtype=torch.long), torch.arange(512), 4096)
+    flat = u.flatten()
+    assert torch.unique(flat).numel() > 0.999 * flat.numel()
+
+
+def test_batch_invariance_and_purity():
+    seeds = torch.tensor([5, 9, 5, -3, 2**40 + 7])
+    steps = torch.tensor([0, 4, 0, 2, 1])
+    batch = cfgen.gumbel_noise(seeds, steps, 100)
+    for b in range(len(seeds)):
+        assert torch.equal(batch[b], cfgen.gumbel_noise(int(seeds[b]), int(steps[b]), 100)[0])
+    perm = torch.tensor([4, 2, 0, 1, 3])
+    assert torch.equal(cfgen.gumbel_noise(seeds[perm], steps[perm], 100), batch[perm])
+    assert torch.equal(batch[0], batch[2])
+    # a prefix of the vocabulary is the same noise (models with padded vocabularies)
+    assert torch.equal(cfgen.gumbel_noise(seeds, steps, 37), batch[:, :37])
+
+
+def test_streams_and_seeds_differ():
+    a = cfgen.gumbel_noise(1, 0, 64)
+    assert not torch.equal(a, cfgen.gumbel_noise(1, 0, 64, stream=N.POSTERIOR_TRUNCATED))
+    assert not torch.equal(a, cfgen.gumbel_noise(2, 0, 64))
+    assert not torch.equal(a, cfgen.gumbel_noise(1, 1, 64))
+
+
+def test_global_rng_untouched():
+    state = torch.get_rng_state()
+    cfgen.gumbel_noise(torch.arange(4), 0, 1000)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_hash_is_stable_across_releases():
+    # Regression pin: changing the hash silently changes every user's texts.
+    assert N.uniform_bits(0, 0, 4).tolist() == [[3259782435, 4065178975, 2942958896, 1806742334]]
+
+
+def test_eager_and_compiled_bit_identical(monkeypatch):
+    seeds, steps = torch.arange(6) * 977, torch.arange(6)
+    monkeypatch.setenv("CFGEN_BACKEND", "eager")
+    eager = cfgen.gumbel_noise(seeds, steps, 5000)
+    monkeypatch.setenv("CFGEN_BACKEND", "compiled")
+    compiled = cfgen.gumbel_noise(seeds, steps, 5000)
+    assert torch.equal(eager, compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cpu_and_cuda_bit_identical():
+    seeds, steps = torch.arange(6) * 977, torch.arange(6)
+    assert torch.equal(cfgen.gumbel_noise(seeds, steps, 5000), cfgen.gumbel_noise(seeds, steps, 5000, device="cuda").cpu())
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((1.5, 0, 4), "int64"),
+        ((torch.tensor([1.0]), 0, 4), "integers"),
+        ((torch.zeros(2, 2, dtype=torch.long), 0, 4), "1-D"),
+        ((torch.arange(3), torch.arange(2), 4), "rows"),
+        ((0, 0, 0), "vocab_size"),
+    ],
+)
+def test_bad_input(args, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        cfgen.gumbel_noise(*args)
