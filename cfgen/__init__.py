@@ -17,6 +17,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "SamplerHook": "cfgen.hook",
     "load_default_model": "cfgen.models",
+    "generate": "cfgen.api",
+    "counterfactual": "cfgen.api",
+    "CounterfactualResult": "cfgen.results",
+    "CounterfactualSampling": "cfgen.intervention",
+    "sampling_site": "cfgen.intervention",
+    "metrics": "cfgen.metrics",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
@@ -24,7 +30,8 @@ __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation"
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__ == f"cfgen.{name}" else getattr(module, name)
     raise AttributeError(f"module 'cfgen' has no attribute {name!r}")
 
 

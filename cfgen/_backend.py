@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 _CHOICES = ("auto", "compiled", "eager")
 

@@ -70,7 +70,7 @@ def _convert(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
