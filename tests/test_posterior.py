@@ -122,3 +122,11 @@ def test_global_rng_untouched():
     state = torch.get_rng_state()
     cfgen.posterior_noise(torch.randn(2, 4, 30, generator=torch.Generator()), torch.zeros(2, 4, dtype=torch.long))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_scalar_observation():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    noise = cfgen.posterior_noise(logits, torch.tensor(1), seed=3)
+    assert noise.shape == (3,) and int(cfgen.Sampler().sample(logits, noise)) == 1
+    with pytest.raises(cfgen.ImpossibleObservation, match="single observed position"):
+        cfgen.posterior_noise(logits, torch.tensor(2), sampler=cfgen.Sampler(top_k=1))
