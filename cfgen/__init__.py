@@ -23,6 +23,16 @@ _LAZY = {
     "CounterfactualSampling": "cfgen.intervention",
     "sampling_site": "cfgen.intervention",
     "metrics": "cfgen.metrics",
+    "ScopeResult": "cfgen.scopes",
+    "DivergenceAttribution": "cfgen.scopes",
+    "semantic_scope": "cfgen.scopes",
+    "temperature_scope": "cfgen.scopes",
+    "fisher_scope": "cfgen.scopes",
+    "jacobian_scopes": "cfgen.scopes",
+    "divergence_attribution": "cfgen.scopes",
+    "divergence_from_result": "cfgen.scopes",
+    "save": "cfgen.persist",
+    "load": "cfgen.persist",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]

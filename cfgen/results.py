@@ -142,7 +142,8 @@ class CounterfactualResult:
         for r in range(min(len(self), 8)):
             d = self.first_divergence[r]
             p = self.prompt_index[r]
-            lines.append(f"[{r}] prompt {p} seed {self.seeds[r]}: {self.prompts[p]!r}")
+            prompt = self.prompts[p] if len(self.prompts[p]) <= 70 else "…" + self.prompts[p][-69:]
+            lines.append(f"[{r}] prompt {p} seed {self.seeds[r]}: {prompt!r}")
             for label, ids in (("factual", self.factual_ids[r]), ("counterfactual", self.counterfactual_ids[r])):
                 same, rest = self._split(ids, d)
                 lines.append(f"    {label:>14}: {same}" + (f"⟦{rest}⟧" if rest else ""))

@@ -1,0 +1,189 @@
+"""Benchmark: hindsight posterior noise versus the model's forward pass and a reference loop.
+
+On the embedded model (SmolLM2-135M-Instruct), for B sequences of T sampled
+tokens after a short prompt, times
+
+1. the teacher-forced forward pass that produces the logits the posterior needs;
+2. ``cfgen.posterior_noise`` on the T continuation positions (one seed per row),
+   with ``CFGEN_BACKEND=eager`` and ``CFGEN_BACKEND=compiled`` (the first
+   compiled call, which compiles, is reported separately from warm calls);
+3. a reference in the style of the published method (Ravfogel et al., "Gumbel
+   Counterfactual Generation From Language Models", arXiv 2411.07180): a Python
+   loop over rows and steps that exponentiates the logits into probabilities,
+   draws Gumbels from a seeded ``torch.Generator`` and truncates them below the
+   top Gumbel, one step at a time.
+
+Both posteriors are checked to reproduce the sampled tokens. Uses only cfgen's
+public API, torch and transformers. Run ``python bench/posterior.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import cfgen
+
+PROMPT = "Once upon a time, in a small village,"
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time of ``repeats`` calls, and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def with_backend(name: str, fn):
+    """Call ``fn`` with ``CFGEN_BACKEND=name`` (cfgen reads it at call time)."""
+
+    def call():
+        old = os.environ.get("CFGEN_BACKEND")
+        os.environ["CFGEN_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["CFGEN_BACKEND"]
+            else:
+                os.environ["CFGEN_BACKEND"] = old
+
+    return call
+
+
+def sample_continuations(model, tok, batch: int, new_tokens: int, seeds: torch.Tensor, sampler: cfgen.Sampler):
+    """B sampled continuations of exactly T tokens (EOS suppressed), with cfgen's explicit noise."""
+    enc = tok([PROMPT] * batch, return_tensors="pt")
+    hook = cfgen.SamplerHook(sampler, seeds=seeds)
+    with torch.no_grad():
+        out = model.generate(
+            enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            logits_processor=[hook],
+            pad_token_id=tok.pad_token_id,
+        )
+    return out, enc["input_ids"].shape[1]
+
+
+def reference_posterior(logits: torch.Tensor, tokens: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-step hindsight Gumbels as in the published method (float32, torch RNG).
+
+    For each step: ``alphas = softmax(logits)``; a top Gumbel with location
+    ``log(sum(alphas))``; Gumbels with locations ``log(alphas)`` truncated below
+    it as ``-log(exp(-g) + exp(-top))``; the observed token gets the top Gumbel;
+    the noise is the result minus ``log(alphas)``.
+    """
+    batch, steps, vocab = logits.shape
+    noise = torch.empty(batch, steps, vocab, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    for b in range(batch):
+        gen = torch.Generator().manual_seed(int(seeds[b]))
+        for t in range(steps):
+            alphas = torch.softmax(logits[b, t].float(), dim=-1)
+            log_alphas = torch.log(alphas)
+            u_top = torch.rand(1, generator=gen).clamp_(min=tiny)
+            top = -torch.log(-torch.log(u_top)) + torch.log(alphas.sum())
+            u = torch.rand(vocab, generator=gen).clamp_(min=tiny)
+            g = -torch.log(-torch.log(u)) + log_alphas
+            truncated = -torch.log(torch.exp(-g) + torch.exp(-top))
+            truncated[tokens[b, t]] = top
+            noise[b, t] = truncated - log_alphas
+    return noise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="sequences B (default 8)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="sampled tokens T per sequence (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row, median reported (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B, T, R = args.batch, args.new_tokens, args.repeats
+
+    model, tok = cfgen.load_default_model()
+    V = model.config.vocab_size
+    sampler = cfgen.Sampler()  # temperature 1, full vocabulary: the published method's setting
+    seeds = torch.arange(B, dtype=torch.int64) + 1000
+
+    # The data: B sampled continuations (eager kernels, so nothing is compiled before the cold timing).
+    t0 = time.perf_counter()
+    ids, P = with_backend("eager", lambda: sample_continuations(model, tok, B, T, seeds, sampler))()
+    t_sample = time.perf_counter() - t0
+    tokens = ids[:, P:]
+    assert tokens.shape == (B, T), tokens.shape
+
+    # 1. Teacher-forced forward pass over prompt + continuation.
+    def forward():
+        with torch.no_grad():
+            return model(ids, attention_mask=torch.ones_like(ids)).logits
+
+    t_forward, full = timed(forward, R)
+    logits = full[:, P - 1 : -1].contiguous()  # [B, T, V]: logits[:, t] predicted tokens[:, t]
+    del full
+
+    # 2. cfgen's posterior, one seed per row (seed [B, 1] broadcasts over the T steps).
+    def posterior():
+        return cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds[:, None])
+
+    t_eager, u_eager = timed(with_backend("eager", posterior), R)
+    assert torch.equal(sampler.sample(logits, u_eager), tokens), "cfgen posterior (eager) does not reproduce the tokens"
+
+    t0 = time.perf_counter()
+    u_cold = with_backend("compiled", posterior)()
+    t_cold = time.perf_counter() - t0
+    t_warm, u_compiled = timed(with_backend("compiled", posterior), R)
+    assert torch.equal(sampler.sample(logits, u_compiled), tokens), (
+        "cfgen posterior (compiled) does not reproduce the tokens"
+    )
+    same_bits = torch.equal(u_eager, u_compiled) and torch.equal(u_cold, u_compiled)
+    del u_cold
+
+    # 3. The reference loop.
+    t_ref, u_ref = timed(lambda: reference_posterior(logits, tokens, seeds), R)
+    ref_tokens = (torch.log_softmax(logits.float(), dim=-1) + u_ref).argmax(-1)
+    assert torch.equal(ref_tokens, tokens), "reference posterior does not reproduce the tokens"
+
+    # The table.
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"cfgen {cfgen.__version__} bench/posterior.py: embedded SmolLM2-135M-Instruct (float32, CPU)")
+    print(
+        f"B={B} sequences x T={T} sampled tokens after a {P}-token prompt ({P + T} positions), V={V}; "
+        f"sampler: {sampler.describe()}"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"load average {load[0]:.1f}; median of {R} runs; sampling the data took {t_sample:.1f} s (not timed below)"
+    )
+    rows = [
+        ("teacher-forced forward (logits)", t_forward, False),
+        ("cfgen posterior_noise, eager", t_eager, True),
+        ("cfgen posterior_noise, compiled (warm)", t_warm, True),
+        ("cfgen posterior_noise, compiled (1st call)", t_cold, False),
+        ("reference loop (per row x step)", t_ref, True),
+    ]
+    print()
+    print(f"{'':44s}{'seconds':>9s}{'/ forward':>11s}{'reference / row':>17s}")
+    for name, t, vs_ref in rows:
+        ratio = f"{t_ref / t:16.2f}x" if vs_ref else ""
+        print(f"{name:44s}{t:9.3f}{t / t_forward:11.3f}{ratio}")
+    print("(1st call: the first compiled call in this process, including compilation; torch's on-disk")
+    print(" compile cache may already hold kernels from earlier runs)")
+    print()
+    print(f"tokens reproduced: cfgen eager yes, cfgen compiled yes, reference yes; eager == compiled bits: {same_bits}")
+
+
+if __name__ == "__main__":
+    main()
