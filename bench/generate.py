@@ -1,0 +1,161 @@
+"""cfgen's factual + counterfactual pair vs two HF generate calls, and hindsight vs a reference.
+
+On the embedded model with the shipped steering vector (layer 9), 64 new tokens:
+
+* pair: ``cfgen.generate`` (factual + counterfactual in one batch) against two
+  ``model.generate(do_sample=True)`` calls, base and intervened (the intervened
+  one adds the same vector with a plain forward hook: the cheapest intervened HF
+  path), at B = 1 and B = 8;
+* hindsight, 32 observed strings: ``cfgen.counterfactual`` (batched) against a
+  reference pipeline at batch 1 (teacher-forced logits, a per-step posterior
+  loop that exponentiates the logits and truncates torch Gumbels one step at a
+  time, then HF generate with a logits processor that injects that noise);
+* peak memory: each measurement runs in a fresh process, reporting the growth
+  of its peak resident memory over the loaded model.
+
+Ratios are measured side by side in one run. ``python bench/generate.py``
+(add ``--quick`` for fewer tokens and strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEERING = ROOT / "interventions" / "steering_dark" / "intervention"
+STORIES = ["Once upon a time, in a quiet harbour town,", "The robot looked at the stars and",
+           "On the first day of winter, the old baker", "Deep in the forest, a small fox",
+           "The captain of the ship called her crew and", "When the library closed, the cat",
+           "Every morning, the gardener", "High above the city, a lonely cloud"]
+
+
+def _setup():
+    import cfgen
+
+    model, tok = cfgen.load_default_model()
+    steer = cfgen.load(STEERING, model)
+    vector = next(iter(steer.interventions.values())).source_representation
+    return cfgen, model, tok, steer, vector
+
+
+def _hf_generate(model, tok, prompts, n, hook_vector=None, logits_processor=None, do_sample=True):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    handle = None
+    if hook_vector is not None:
+        handle = model.model.layers[9].register_forward_hook(
+            lambda mod, args, out: (out[0] + hook_vector,) + tuple(out[1:]) if isinstance(out, tuple) else out + hook_vector)
+    try:
+        kw = dict(do_sample=True, temperature=1.0, top_k=0) if do_sample else dict(do_sample=False)
+        return model.generate(**enc, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id,
+                              logits_processor=logits_processor, **kw)
+    finally:
+        if handle:
+            handle.remove()
+
+
+def measure(name: str, batch: int, tokens: int, strings: int) -> dict:
+    cfgen, model, tok, steer, vector = _setup()
+    torch.set_num_threads(1)
+    prompts = (STORIES * 8)[:batch]
+    # Warm-up outside the timing, for both sides: page the weights in, compile cfgen's noise kernels.
+    _hf_generate(model, tok, prompts, 2)
+    cfgen.generate(steer, tok, prompts, max_new_tokens=2, seed=0, eos_token_id=[])
+    cfgen.counterfactual(steer, tok, prompts[:1], [[11, 12]], seed=0, eos_token_id=[])
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if name == "cfgen_pair":
+        cfgen.generate(steer, tok, prompts, max_new_tokens=tokens, seed=0, eos_token_id=[])
+    elif name == "hf_two_calls":
+        torch.manual_seed(0)
+        _hf_generate(model, tok, prompts, tokens)
+        _hf_generate(model, tok, prompts, tokens, hook_vector=vector)
+    elif name == "hf_one_call":
+        torch.manual_seed(0)
+        _hf_generate(model, tok, prompts, tokens)
+    elif name in ("cfgen_hindsight", "reference_hindsight"):
+        observed = _observed(cfgen, model, tok, strings, tokens)
+        t0 = time.perf_counter()
+        if name == "cfgen_hindsight":
+            cfgen.counterfactual(steer, tok, [p for p, _ in observed], [o for _, o in observed], seed=0,
+                                 eos_token_id=[])
+        else:
+            for prompt, obs in observed:
+                _reference_hindsight(cfgen, model, tok, prompt, obs, vector)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss
+    return {"name": name, "batch": batch, "seconds": seconds, "peak_mib": peak / 1024}
+
+
+def _observed(cfgen, model, tok, strings, tokens):
+    """Observed continuations: plain samples of the base model (not timed)."""
+    prompts = (STORIES * 8)[:strings]
+    r = cfgen.generate((model, model), tok, prompts, max_new_tokens=tokens, seed=123, eos_token_id=[])
+    return list(zip(prompts, r.factual_ids))
+
+
+def _reference_hindsight(cfgen, model, tok, prompt, observed, vector):
+    """Batch 1: teacher-forced logits, a per-step posterior loop, HF generate replaying that noise."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    full = torch.cat([ids, torch.tensor([observed])], 1)
+    with torch.no_grad():
+        logits = model(full).logits[0, ids.shape[1] - 1:-1]
+    gen = torch.Generator().manual_seed(0)
+    noise = []
+    for t, y in enumerate(observed):  # one step at a time, as the published method does
+        p = torch.softmax(logits[t].double(), -1)
+        g = -torch.log(-torch.log(torch.rand(p.shape, generator=gen, dtype=torch.float64)))
+        m = torch.logsumexp(torch.log(p) + g, 0)  # the max, Gumbel with location 0
+        gumbels = torch.log(p) + -torch.log(-torch.log(torch.rand(p.shape, generator=gen, dtype=torch.float64)))
+        trunc = -torch.logaddexp(-gumbels, -m)
+        u = trunc - torch.log(p)
+        u[y] = m - torch.log(p[y])
+        noise.append(u.float())
+    hook = cfgen.SamplerHook(cfgen.Sampler(), noise=lambda step: noise[step][None] if step < len(noise) else
+                             cfgen.gumbel_noise(0, step, logits.shape[-1]))
+    return _hf_generate(model, tok, [prompt], len(observed), hook_vector=vector, logits_processor=[hook],
+                        do_sample=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tokens, strings = (16, 8) if args.quick else (64, 32)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.batch, tokens, strings)))
+        return
+
+    def run(name, batch=1):
+        cmd = [sys.executable, __file__, "--measure", name, "--batch", str(batch)] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def row(label, m, note=""):
+        print(f"{label:46s} {m['seconds']:9.2f} {m['peak_mib']:9.0f}  {note}")
+
+    print(f"embedded SmolLM2-135M-Instruct, steering at layer 9, {tokens} new tokens, 1 thread, fresh process each")
+    print(f"{'measurement':46s} {'seconds':>9s} {'peak MiB':>9s}  ratio")
+    for batch in (1, 8):
+        pair, two, one = run("cfgen_pair", batch), run("hf_two_calls", batch), run("hf_one_call", batch)
+        row(f"B={batch} cfgen factual+counterfactual pair", pair,
+            f"{pair['seconds'] / two['seconds']:.2f}x the time of two HF calls; "
+            f"{pair['peak_mib'] / max(one['peak_mib'], 1):.2f}x the peak memory of one")
+        row(f"B={batch} two HF generate calls", two)
+        row(f"B={batch} one HF generate call", one)
+    cf, ref = run("cfgen_hindsight"), run("reference_hindsight")
+    row(f"hindsight, {strings} strings: cfgen.counterfactual", cf,
+        f"{ref['seconds'] / cf['seconds']:.2f}x the reference's throughput")
+    row(f"hindsight, {strings} strings: reference pipeline", ref)
+
+if __name__ == "__main__":
+    main()
