@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .decode import PlainRunner, PyveneRunner, Rows, StepError, decode
+from .decode import PlainRunner, PyveneRunner, Rows, StepError, _left_pad, decode
 from .noise import PRIOR
 from .posterior import ImpossibleObservation, posterior_noise
 from .results import CounterfactualResult
@@ -272,8 +272,6 @@ def _pyvene_runner(pv, tokenizer, rows_prompt: list[int], n_prompts: int, *, sou
             raise ValueError(f"{len(src_list)} sources for {n_prompts} prompts; give one per prompt or one for all")
         src_ids = _encode(tokenizer, src_list, "sources", special=True)
         rows_src = [src_ids[p] for p in rows_prompt]
-        from .decode import _left_pad
-
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids, mask = _left_pad(rows_src, pad_id, device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -505,8 +503,6 @@ def generate(
 
 def _teacher_forced_logits(model, contexts: list[list[int]], targets: list[list[int]], pad_id: int):
     """Logits predicting each target token after its context, one padded batch."""
-    from .decode import _left_pad
-
     device = next(model.parameters()).device
     seqs = [c + t for c, t in zip(contexts, targets)]
     ids, mask = _left_pad(seqs, pad_id, device)

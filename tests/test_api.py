@@ -280,6 +280,19 @@ def test_rows_stop_at_their_own_eos():
         assert r.finish_reasons["factual"][i] == ("eos" if eos in full else "length")
 
 
+def test_rows_stop_at_their_own_stop_string():
+    model = make("gpt2")
+    zero = steering(model, torch.zeros(16))
+    free = cfgen.generate(zero, TOK, PROMPTS, max_new_tokens=10, seed=9, eos_token_id=[])
+    letter = TOK.decode([free.factual_ids[1][2]])
+    r = cfgen.generate(zero, TOK, PROMPTS, max_new_tokens=10, seed=9, eos_token_id=[], stop_strings=letter)
+    for i in range(3):
+        text = TOK.decode(free.factual_ids[i])
+        cut = text.find(letter)
+        assert TOK.decode(r.factual_ids[i]) == (text if cut < 0 else text[: cut + 1])
+        assert r.finish_reasons["factual"][i] == ("length" if cut < 0 else "stop_string")
+
+
 def test_result_records_and_html(tmp_path):
     model = make("gpt2")
     steer = steering(model, torch.ones(16) * 2)
