@@ -95,7 +95,11 @@ def _init_kwargs(rep: Any, intervention: torch.nn.Module) -> dict[str, Any]:
         if name in _OBJECT_FIELDS:
             continue
         if name == "hidden_source_representation":
-            value = value or getattr(rep, "source_representation", None) is not None
+            # pyvene treats any non-None value (False included) as "constant source"
+            # and then never sets source_representation; pass it only when true.
+            if not (value or getattr(rep, "source_representation", None) is not None):
+                continue
+            value = True
         kwargs[name] = value
     if isinstance(getattr(intervention, "embed_dim", None), torch.Tensor):
         kwargs["embed_dim"] = int(intervention.embed_dim)

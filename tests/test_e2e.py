@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyvene as pv
 import pytest
+import pyvene as pv
 import torch
 
 import cfgen
