@@ -24,7 +24,6 @@ from .sampler import Sampler, check_logits
 __all__ = ["Rows", "Schedule", "PlainRunner", "PyveneRunner", "decode"]
 
 Schedule = Union[str, Sequence[int]]
-_NAMED = ("prompt", "generation", "all")
 
 
 @dataclass

@@ -24,7 +24,7 @@ state dict mapped to the model's device, and returns a working
 ...     vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
 >>> trained = make_intervenable(gpt2, rotation_config(0, rank=2), seed=3)
 >>> with tempfile.TemporaryDirectory() as folder:
-...     persist.save(trained, folder)
+...     _ = persist.save(trained, folder)
 ...     loaded = persist.load(folder, gpt2)
 >>> a, b = (next(iter(m.interventions.values())).rotate_layer.weight for m in (trained, loaded))
 >>> torch.equal(a, b)
@@ -97,7 +97,8 @@ def _init_kwargs(rep: Any, intervention: torch.nn.Module) -> dict[str, Any]:
         if name == "hidden_source_representation":
             # pyvene treats any non-None value (False included) as "constant source"
             # and then never sets source_representation; pass it only when true.
-            if not (value or getattr(rep, "source_representation", None) is not None):
+            constant = isinstance(getattr(intervention, "source_representation", None), torch.Tensor)
+            if not (value or constant or getattr(rep, "source_representation", None) is not None):
                 continue
             value = True
         kwargs[name] = value
