@@ -12,6 +12,7 @@ exactly the un-intervened model.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -65,14 +66,24 @@ def _scheduled(schedule: Schedule, abs_pos: torch.Tensor, prompt_len: torch.Tens
     return (abs_pos[..., None] == wanted).any(-1)
 
 
+def _last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it: the prefill then skips V x d work per prompt position."""
+    try:
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    except (TypeError, ValueError):
+        return {}
+
+
 class PlainRunner:
     """A Hugging Face causal LM, no interventions."""
 
     def __init__(self, model):
         self.model = model
+        self.extra = _last_logits_only(model)
 
     def __call__(self, ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                         **self.extra)
         return out.logits[:, -1], out.past_key_values
 
 
@@ -102,6 +113,7 @@ class PyveneRunner:
         self.subspaces = subspaces
         self.keys = list(intervenable.sorted_keys)
         self.passive = set(passive)
+        self.extra = _last_logits_only(intervenable.model)
         self._masks: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -150,8 +162,8 @@ class PyveneRunner:
         intervene = torch.tensor(rows.intervene, device=ids.device)[:, None]
         base_locs, sources, source_locs, reps = [], None, None, None
         for i, key in enumerate(self.keys):
-            if key in self.passive:
-                locs = torch.full((n, 1), k - 1, device=ids.device)
+            if key in self.passive:  # the logits' last position (the only one kept, where supported)
+                locs = torch.full((n, 1), 0 if self.extra else k - 1, device=ids.device)
                 self._masks[key] = torch.zeros(n, 1, dtype=torch.bool, device=ids.device)
             elif self.base_locations is not None:
                 if prefill:
@@ -173,7 +185,7 @@ class PyveneRunner:
                     for i, key in enumerate(self.keys) if (rep := self.source_representations.get(key)) is not None}
         unit_locations = {"sources->base": (source_locs if sources is not None else None, base_locs)}
         base = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "past_key_values": cache,
-                "use_cache": True}
+                "use_cache": True, **self.extra}
         _, out = self.pv(base, sources=sources, unit_locations=unit_locations, source_representations=reps,
                          subspaces=self.subspaces)
         return out.logits[:, -1], out.past_key_values
