@@ -381,6 +381,19 @@ def _intervention_kwargs(sources, unit_locations, source_representations, subspa
                 subspaces=subspaces, intervene_on=intervene_on)
 
 
+def _decode_rows(models: _Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_ids: list[list[int]], *,
+                 sampler: Sampler, eos_token_id, stop_strings, progress: bool, **intervention):
+    """Decode ``rows``; return their tokens, finish reasons and the schedule that was applied."""
+    intervention.update(rows_prompt=rows_prompt, n_prompts=len(prompt_ids), prompt_ids=prompt_ids)
+    eos = _eos_ids(tokenizer, _hf_model(models.factual), eos_token_id)
+    try:
+        (tokens, reasons), schedule = _run(models, tokenizer, rows, sampler=sampler, intervention=intervention,
+                                           eos=eos, stop=_stop_fn(tokenizer, stop_strings), progress=progress)
+    except StepError as err:
+        raise ValueError(str(err)) from None
+    return tokens, reasons, (list(schedule) if isinstance(schedule, list) else schedule)
+
+
 def generate(
     model,
     tokenizer,
@@ -474,14 +487,10 @@ def generate(
             stream.append(st)
     rows = Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds,
                 max_new=[max_new_tokens] * len(context), stream=stream, intervene=intervene)
-    kwargs = _intervention_kwargs(sources, unit_locations, source_representations, subspaces, intervene_on)
-    kwargs.update(rows_prompt=rows_prompt, n_prompts=len(prompt_ids), prompt_ids=prompt_ids)
-    eos = _eos_ids(tokenizer, _hf_model(models.factual), eos_token_id)
-    try:
-        (tokens, reasons), schedule = _run(models, tokenizer, rows, sampler=sampler, intervention=kwargs, eos=eos,
-                                           stop=_stop_fn(tokenizer, stop_strings), progress=progress)
-    except StepError as err:
-        raise ValueError(str(err)) from None
+    tokens, reasons, schedule = _decode_rows(
+        models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler, eos_token_id=eos_token_id,
+        stop_strings=stop_strings, progress=progress, sources=sources, unit_locations=unit_locations,
+        source_representations=source_representations, subspaces=subspaces, intervene_on=intervene_on)
     n = len(pairs)
     return CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
@@ -495,8 +504,8 @@ def generate(
         prompt_index=[p for p, _ in pairs],
         sample_index=[j for _, j in pairs],
         finish_reasons={name: reasons[i * n:(i + 1) * n] for i, (name, _, _) in enumerate(kinds)},
-        settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule if not isinstance(schedule, list)
-                  else list(schedule), "interventional_stream": INTERVENTIONAL if interventional else None},
+        settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule,
+                  "interventional_stream": INTERVENTIONAL if interventional else None},
         tokenizer=tokenizer,
     )
 
@@ -624,14 +633,10 @@ def counterfactual(
             mx.append(max_new[p])
     rows = Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds, max_new=mx, stream=stream,
                 intervene=[True] * len(context), posterior=post)
-    kwargs = _intervention_kwargs(sources, unit_locations, source_representations, subspaces, intervene_on)
-    kwargs.update(rows_prompt=rows_prompt, n_prompts=len(prompt_ids), prompt_ids=prompt_ids)
-    eos = _eos_ids(tokenizer, _hf_model(models.factual), eos_token_id)
-    try:
-        (tokens, reasons), schedule = _run(models, tokenizer, rows, sampler=sampler, intervention=kwargs, eos=eos,
-                                           stop=_stop_fn(tokenizer, stop_strings), progress=progress)
-    except StepError as err:
-        raise ValueError(str(err)) from None
+    tokens, reasons, schedule = _decode_rows(
+        models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler, eos_token_id=eos_token_id,
+        stop_strings=stop_strings, progress=progress, sources=sources, unit_locations=unit_locations,
+        source_representations=source_representations, subspaces=subspaces, intervene_on=intervene_on)
     n = len(pairs)
     return CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
@@ -645,7 +650,7 @@ def counterfactual(
         prompt_index=[p for p, _ in pairs],
         sample_index=[j for _, j in pairs],
         finish_reasons={name: reasons[i * n:(i + 1) * n] for i, (name, _) in enumerate(kinds)},
-        settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule if not isinstance(schedule, list)
-                  else list(schedule), "interventional_stream": INTERVENTIONAL if interventional else None},
+        settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule,
+                  "interventional_stream": INTERVENTIONAL if interventional else None},
         tokenizer=tokenizer,
     )
