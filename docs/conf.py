@@ -28,7 +28,7 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "notes", "notes/**", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "jupyter_execute"]
+exclude_patterns = ["_static/**", "_build", "notes", "notes/**", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "jupyter_execute"]
 
 # MyST: $...$ / $$...$$ maths, ::: fences, and heading anchors for cross-page links.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
