@@ -161,7 +161,10 @@ def _ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> None:
     for _ in range(64):
         s = a + u
         s_y = s[rows, y]
-        rival = s.index_put((rows, y), torch.tensor(float("-inf"), device=s.device)).max(-1).values
+        if s.shape[1] == 1:
+            return
+        top2 = s.topk(2, dim=-1)  # the best token other than y is the first of the top two that is not y
+        rival = torch.where(top2.indices[:, 0] == y, top2.values[:, 1], top2.values[:, 0])
         target = rival + rival.abs().clamp(min=1.0) * 2.0**-20
         bad = s_y < target
         if not bool(bad.any()):
