@@ -25,6 +25,8 @@ def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{what} must have a vocabulary axis last, got shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        return
     top = logits.amax()  # one pass: amax propagates NaN, and +inf is its own maximum
     if not (torch.isnan(top) or top == float("inf")):
         return
