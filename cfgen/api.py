@@ -134,6 +134,10 @@ def _encode(tokenizer, texts: list, name: str, *, special: bool) -> list[list[in
     return out
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _seeds(seed, n: int) -> list[int]:
     if isinstance(seed, int) and not isinstance(seed, bool):
         return [seed] * n
@@ -272,7 +276,7 @@ def _pyvene_runner(pv, tokenizer, rows_prompt: list[int], n_prompts: int, *, sou
             raise ValueError(f"{len(src_list)} sources for {n_prompts} prompts; give one per prompt or one for all")
         src_ids = _encode(tokenizer, src_list, "sources", special=True)
         rows_src = [src_ids[p] for p in rows_prompt]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = _pad_id(tokenizer)
         ids, mask = _left_pad(rows_src, pad_id, device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         src_inputs = [{"input_ids": ids, "attention_mask": mask, "position_ids": pos}] * len(pv._intervention_group)
@@ -348,7 +352,7 @@ def _eos_ids(tokenizer, model, eos_token_id) -> list[int]:
 def _run(models: _Models, tokenizer, rows: Rows, *, sampler, intervention, eos, stop, progress):
     device = models.device
     vocab = _vocab_size(_hf_model(models.factual))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
     fact_rows = [r for r in range(len(rows)) if not rows.intervene[r]]
     cf_rows = [r for r in range(len(rows)) if rows.intervene[r]]
     rows_prompt = intervention.pop("rows_prompt")
@@ -600,9 +604,9 @@ def counterfactual(
     _check_ids(_hf_model(models.factual), prompt_ids, "prompts")
     _check_ids(_hf_model(models.factual), obs_ids, "observed")
     max_new = [max_new_tokens or len(o) for o in obs_ids]
-    _check_context(_hf_model(models.factual), [p + o[:0] for p, o in zip(prompt_ids, obs_ids)], max_new)
+    _check_context(_hf_model(models.factual), prompt_ids, max_new)
     base_seeds = _seeds(seed, len(prompt_ids))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
     logits = _teacher_forced_logits(_hf_model(models.factual), prompt_ids, obs_ids, pad_id)
     vocab = _vocab_size(_hf_model(models.factual))
 

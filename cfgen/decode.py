@@ -202,15 +202,22 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _noise(rows: Rows, step: int, vocab: int, device) -> torch.Tensor:
+def _noise_keys(rows: Rows, device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """Seeds, step offsets and the rows of each noise stream: fixed for a whole decode."""
     seeds = torch.tensor(rows.seed, dtype=torch.long, device=device)
-    steps = torch.tensor(rows.step_offset, dtype=torch.long, device=device) + step
+    offsets = torch.tensor(rows.step_offset, dtype=torch.long, device=device)
     streams = torch.tensor(rows.stream, device=device)
-    u = torch.empty(len(rows), vocab, device=device)
-    for stream in torch.unique(streams).tolist():
-        sel = (streams == stream).nonzero()[:, 0]
+    groups = [(s, (streams == s).nonzero()[:, 0]) for s in torch.unique(streams).tolist()]
+    return seeds, offsets, groups
+
+
+def _noise(keys, posterior: list[Optional[torch.Tensor]], step: int, vocab: int, device) -> torch.Tensor:
+    seeds, offsets, groups = keys
+    steps = offsets + step
+    u = torch.empty(len(seeds), vocab, device=device)
+    for stream, sel in groups:
         u[sel] = gumbel_noise(seeds[sel], steps[sel], vocab, stream=stream, device=device)
-    for r, post in enumerate(rows.posterior):
+    for r, post in enumerate(posterior):
         if post is not None and step < post.shape[0]:
             u[r] = post[step].to(device)
     return u
@@ -258,6 +265,7 @@ def decode(
         states.append({"runner": runner, "idx": idx, "rows": sub, "mask": mask, "next_pos": lengths,
                        "prompt_len": prompt_len, "cache": cache, "logits": logits})
 
+    keys = _noise_keys(rows, device)
     bar = progress(total=horizon, desc="decoding", leave=False) if progress else None
     try:
         for step in range(horizon):
@@ -268,7 +276,7 @@ def decode(
                 check_logits(logits)
             except ValueError as err:
                 raise StepError(f"at generation step {step}: {err}") from None
-            token = sampler.sample(logits, _noise(rows, step, vocab_size, device))
+            token = sampler.sample(logits, _noise(keys, rows.posterior, step, vocab_size, device))
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             for r in (~done).nonzero()[:, 0].tolist():
                 new_tokens[r].append(int(token[r]))

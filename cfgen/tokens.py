@@ -58,6 +58,7 @@ from .api import (
     _intervention_kwargs,
     _is_intervenable,
     _Models,
+    _pad_id,
     _resolve_models,
     _run,
     _sampler,
@@ -397,7 +398,7 @@ def do(
     need_logits = hindsight or any(isinstance(w, Alternative) for s in specs for w in s.values())
     logits = {}
     if need_logits:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = _pad_id(tokenizer)
         got = _teacher_forced_logits(hf, [prompt_ids[result.prompt_index[r]] for r in rows],
                                      [result.factual_ids[r] for r in rows], pad_id)
         logits = {r: lg[:, :vocab] for r, lg in zip(rows, got)}
