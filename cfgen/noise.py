@@ -1,9 +1,10 @@
 """Counter-based Gumbel noise: a pure function of (seed, step, token id).
 
 The hash works on 32-bit lanes held in int64 tensors and multiplies only by
-constants below 2**31, so no intermediate ever exceeds 2**63: signed overflow
-(undefined behaviour in compiled C++/Triton kernels) cannot occur, and eager,
-compiled and GPU evaluations produce the same bits.
+constants below 2**31, so no intermediate ever exceeds 2**63 (signed overflow
+is undefined behaviour in compiled kernels). The Gumbel transform uses only
+IEEE-754 basic operations (``_ieee.py``). So the eager torch code, on any
+device, and the fused C kernel (``_native.c``, used on CPU) give the same bits.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._backend import Fused
+from . import _native
+from ._ieee import gumbel_from_bits
 
 __all__ = ["gumbel_noise", "uniform_bits", "PRIOR", "POSTERIOR_MAX", "POSTERIOR_TRUNCATED", "ALTERNATIVE"]
 
@@ -86,21 +88,19 @@ def _bits(k1: torch.Tensor, k2: torch.Tensor, token: torch.Tensor) -> torch.Tens
     return _mix32_(x)
 
 
-def _bits_to_gumbel(x: torch.Tensor) -> torch.Tensor:
-    # u in (0, 1) with fine resolution near 0, where the Gumbel value
-    # -log(-log1p(-u)) is large (the tail that decides argmaxes). Computed in
-    # float64 and rounded once, so libm differences between eager, compiled and
-    # GPU kernels (an ulp of float64) do not reach the float32 result.
-    u = x.to(torch.float64).add_(0.5).mul_(2.0**-32)
-    return u.neg_().log1p_().neg_().log_().neg_().to(torch.float32)
+def _eager_gumbel(k1: torch.Tensor, k2: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    token = torch.arange(vocab_size, dtype=torch.int64, device=k1.device)
+    if k1.device.type != "cpu" or len(k1) * vocab_size <= _CHUNK:
+        return gumbel_from_bits(_bits(k1, k2, token))
+    # On CPU, blocks of rows whose int64 intermediates stay in cache are ~3x faster.
+    out = torch.empty(len(k1), vocab_size, dtype=torch.float32)
+    rows = max(1, _CHUNK // vocab_size)
+    for i in range(0, len(k1), rows):
+        out[i : i + rows] = gumbel_from_bits(_bits(k1[i : i + rows], k2[i : i + rows], token))
+    return out
 
 
-def _gumbel_kernel(k1: torch.Tensor, k2: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    return _bits_to_gumbel(_bits(k1, k2, token))
-
-
-_fused_gumbel = Fused(_gumbel_kernel)
-_CHUNK = 1 << 18  # elements per CPU block
+_CHUNK = 1 << 18  # elements per CPU block of the eager path
 
 
 def _broadcast_rows(seeds: SeedLike, step: SeedLike, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,12 +171,7 @@ def gumbel_noise(
     _check_vocab(vocab_size)
     s, t = _broadcast_rows(seeds, step, device)
     k1, k2 = _row_keys(s, t, stream)
-    token = torch.arange(vocab_size, dtype=torch.int64, device=s.device)
-    if s.device.type != "cpu" or len(s) * vocab_size <= _CHUNK:
-        return _fused_gumbel(k1, k2, token)
-    # On CPU, blocks of rows whose int64 intermediates stay in cache are ~3x faster.
-    out = torch.empty(len(s), vocab_size, dtype=torch.float32)
-    rows = max(1, _CHUNK // vocab_size)
-    for i in range(0, len(s), rows):
-        out[i:i + rows] = _fused_gumbel(k1[i:i + rows], k2[i:i + rows], token)
-    return out
+    lib = _native.library() if s.device.type == "cpu" else None
+    if lib is not None:
+        return _native.gumbel(lib, k1, k2, vocab_size)
+    return _eager_gumbel(k1, k2, vocab_size)

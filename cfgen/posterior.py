@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from ._backend import Fused
-from .noise import POSTERIOR_MAX, POSTERIOR_TRUNCATED, gumbel_noise
+from . import _native
+from ._ieee import fixed_point_bits, log_softmax32, truncated_gumbel
+from .noise import POSTERIOR_MAX, POSTERIOR_TRUNCATED, _eager_gumbel, _row_keys, gumbel_noise
 from .sampler import Sampler
 
 __all__ = ["posterior_noise", "ImpossibleObservation"]
@@ -33,15 +33,7 @@ class ImpossibleObservation(ValueError):
         self.sampler = sampler
 
 
-def _truncated_kernel(a: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # U_v = x_v - a_v with x_v = -logaddexp(-(a_v + g_v), -M), rewritten as
-    # g_v - softplus(a_v + g_v - M) so no large a_v cancels; prior noise off-support.
-    inside = g - F.softplus(a + g - m)
-    return torch.where(torch.isneginf(a), g, inside)
-
-
-_fused_truncated = Fused(_truncated_kernel)
-_BLOCK = 1 << 20  # elements per CPU block (measured best of 2**18..2**26 on 2 cores)
+_BLOCK = 1 << 20  # elements per CPU block of the eager path
 
 
 def _keys(tokens: torch.Tensor, seed, step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,21 +121,29 @@ def posterior_noise(
             "do the tokenizer and the model agree?"
         )
     seeds, steps = _keys(tokens.to(logits.device), seed, step)
+    m = gumbel_noise(seeds, steps, 1, stream=POSTERIOR_MAX)  # [n, 1]: the maximum, Gumbel(0, 1)
+    k1, k2 = _row_keys(seeds, steps, POSTERIOR_TRUNCATED)
+    lib = _native.library() if logits.device.type == "cpu" else None
+    if lib is not None:
+        z = sampler.support_logits(flat_logits)
+        u, impossible = _native.posterior(lib, z, y, k1, k2, m[:, 0], fixed_point_bits(vocab))
+        if bool(impossible.any()):
+            i = int(impossible.nonzero()[0])
+            raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
+        return u.reshape(logits.shape)
     u = torch.empty(flat_logits.shape, dtype=torch.float32, device=logits.device)
     # Row blocks that stay in cache; every operation below is row-wise, so blocking changes no value.
     rows = len(y) if logits.device.type != "cpu" else max(1, _BLOCK // vocab)
     for lo in range(0, len(y), rows):
         hi = min(lo + rows, len(y))
-        a = sampler.log_probs(flat_logits[lo:hi])
+        a = log_softmax32(sampler.support_logits(flat_logits[lo:hi]))
         a_y = a.gather(1, y[lo:hi, None])[:, 0]
         impossible = torch.isneginf(a_y)
         if bool(impossible.any()):
             i = lo + int(impossible.nonzero()[0])
             raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
-        m = gumbel_noise(seeds[lo:hi], steps[lo:hi], 1, stream=POSTERIOR_MAX)  # [n, 1]
-        g = gumbel_noise(seeds[lo:hi], steps[lo:hi], vocab, stream=POSTERIOR_TRUNCATED)
-        block = _fused_truncated(a, g, m)
-        block.scatter_(1, y[lo:hi, None], (m[:, 0] - a_y)[:, None])
+        block = truncated_gumbel(a, _eager_gumbel(k1[lo:hi], k2[lo:hi], vocab), m[lo:hi])
+        block.scatter_(1, y[lo:hi, None], (m[lo:hi, 0] - a_y)[:, None])
         _ensure_argmax(a, block, y[lo:hi])
         u[lo:hi] = block
     return u.reshape(logits.shape)

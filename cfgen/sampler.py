@@ -2,8 +2,9 @@
 
 ``Sampler.log_probs`` reproduces the support of transformers'
 ``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper``
-chain (the order ``generate`` applies them), renormalised with
-``log_softmax``; ``Sampler.sample`` takes ``argmax(log_probs + noise)``.
+chain (the order ``generate`` applies them), renormalised with an
+order-independent ``log_softmax`` (``_ieee.log_softmax32``, the same bits on
+every backend); ``Sampler.sample`` takes ``argmax(log_probs + noise)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
+
+from ._ieee import log_softmax32
 
 __all__ = ["Sampler", "check_logits"]
 
@@ -27,17 +30,22 @@ def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
         raise ValueError(f"{what} must have a vocabulary axis last, got shape {tuple(logits.shape)}")
     if logits.numel() == 0:
         return
-    top = logits.amax()  # one pass: amax propagates NaN, and +inf is its own maximum
-    if not (torch.isnan(top) or top == float("inf")):
+    top = logits.amax(dim=-1)  # one pass: amax propagates NaN, and +inf is its own maximum
+    if bool((top == float("-inf")).any()):
+        row = tuple(int(i) for i in (top == float("-inf")).nonzero()[0])
+        raise ValueError(
+            f"{what} at row {row} are all -inf: no token can be sampled there. Mask fewer tokens "
+            "(every row needs at least one finite logit)."
+        )
+    if not bool((torch.isnan(top) | (top == float("inf"))).any()):
         return
     bad = torch.isnan(logits) | (logits == float("inf"))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{what} contain NaN or +inf (first at index {idx}, value {logits[idx].item()}); "
-            "the model's forward pass overflowed or was fed invalid input. Check the model's dtype "
-            "(fp16 overflows easily: try bfloat16 or float32) and the attention mask."
-        )
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"{what} contain NaN or +inf (first at index {idx}, value {logits[idx].item()}); "
+        "the model's forward pass overflowed or was fed invalid input. Check the model's dtype "
+        "(fp16 overflows easily: try bfloat16 or float32) and the attention mask."
+    )
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,18 @@ class Sampler:
             >>> cfgen.Sampler(top_p=0.5).log_probs(torch.tensor([0.0, 3.0, 1.0]))
             tensor([-inf, 0., -inf])
         """
+        return log_softmax32(self.support_logits(logits))
+
+    def support_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits after the temperature, ``-inf`` outside the support (not normalised).
+
+        ``log_probs`` is ``log_softmax`` of these; greedy gives 0 at the argmax.
+
+        Example:
+            >>> import torch, cfgen
+            >>> cfgen.Sampler(temperature=0.5, top_k=2).support_logits(torch.tensor([2.0, 1.0, 0.0]))
+            tensor([4., 2., -inf])
+        """
         check_logits(logits)
         z = logits.to(torch.float32)
         if self.greedy:
@@ -124,7 +144,7 @@ class Sampler:
             z = z.masked_fill(z < kth, float("-inf"))
         if self.top_p is not None:
             z = z.masked_fill(_top_p_removed(z, self.top_p), float("-inf"))
-        return torch.log_softmax(z, dim=-1)
+        return z
 
     def sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``argmax(log_probs(logits) + noise)`` over the last axis (int64).

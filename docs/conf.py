@@ -42,10 +42,6 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_execution_cache_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build", ".jupyter_cache")
 nb_merge_streams = True
-# The notebooks' kernels inherit this environment. Eager kernels skip the ~10 s
-# torch.compile warm-up per notebook (results are bit-identical, see concepts.md);
-# export CFGEN_BACKEND=auto (or compiled) to build the docs on the default path.
-os.environ.setdefault("CFGEN_BACKEND", "eager")
 
 # autodoc / napoleon (Google-style docstrings).
 autodoc_member_order = "bysource"

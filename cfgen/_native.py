@@ -1,0 +1,178 @@
+"""Build, check and call the fused C kernels in ``_native.c`` (CPU only).
+
+The library is compiled once per source / compiler / flags into
+``$CFGEN_CACHE_DIR/native`` (written to a temporary name, then renamed) and
+loaded with ctypes, whose calls release the GIL, so row blocks run on
+``torch.get_num_threads()`` threads. Before first use its output is compared
+with the eager torch code bit for bit; any failure (no C compiler, an exotic
+platform, a mismatch) falls back to the eager path with one warning.
+``CFGEN_BACKEND=eager`` skips the kernels, ``native`` makes failures errors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_CHOICES = ("auto", "native", "eager")
+_SOURCE = Path(__file__).with_name("_native.c")
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_failed: Optional[str] = None
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def backend() -> str:
+    """The kernel choice from ``CFGEN_BACKEND`` (``auto``, ``native`` or ``eager``)."""
+    choice = os.environ.get("CFGEN_BACKEND", "auto").lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"CFGEN_BACKEND={choice!r}; use one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2"):
+        flags.append("-mavx2")
+    return flags
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CFGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cfgen")
+    return Path(root) / "native"
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
+    source = _SOURCE.read_bytes()
+    flags = _flags()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(source + repr((flags, version, platform.machine())).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cfgen_native_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[:2000]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.cfgen_gumbel.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.cfgen_gumbel.restype = None
+    lib.cfgen_posterior.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int32, ptr, ptr]
+    lib.cfgen_posterior.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The checked native library, or None where the eager path should run."""
+    global _lib, _failed
+    choice = backend()
+    if choice == "eager":
+        return None
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            try:
+                lib = _build()
+                _self_check(lib)
+                _lib = lib
+            except Exception as err:  # no compiler, a platform we cannot build for, a mismatch
+                _failed = f"{type(err).__name__}: {err}"
+                if choice == "auto":
+                    warnings.warn(
+                        f"cfgen: the native CPU kernels are unavailable ({_failed}); using the eager torch "
+                        "kernels (same bits, slower). Set CFGEN_BACKEND=eager to skip the attempt.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    if _lib is None and choice == "native":
+        raise RuntimeError(f"CFGEN_BACKEND=native but the native kernels are unavailable: {_failed}")
+    return _lib
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    from .noise import _eager_gumbel, _row_keys
+
+    seeds = torch.tensor([0, 1, 2**40 + 3], dtype=torch.int64)
+    k1, k2 = _row_keys(seeds, seeds * 7, 0)
+    expected = _eager_gumbel(k1, k2, 1003)
+    got = torch.empty_like(expected)
+    lib.cfgen_gumbel(k1.data_ptr(), k2.data_ptr(), len(k1), 1003, got.data_ptr())
+    if not torch.equal(got, expected):
+        raise RuntimeError("the compiled kernels do not reproduce the eager noise bit for bit on this platform")
+
+
+def _parallel(fn, rows: int, work_per_row: int) -> None:
+    """Call ``fn(lo, hi)`` over row ranges, on up to ``torch.get_num_threads()`` threads."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), rows, (rows * work_per_row) >> 16))
+    if threads == 1:
+        fn(0, rows)
+        return
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cfgen")
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    for f in [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        f.result()
+
+
+def gumbel(lib: ctypes.CDLL, k1: torch.Tensor, k2: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[len(k1), vocab]`` float32 Gumbel noise for row keys ``k1``, ``k2`` (int64, CPU)."""
+    k1, k2 = k1.contiguous(), k2.contiguous()
+    out = torch.empty(len(k1), vocab, dtype=torch.float32)
+    p1, p2, po = k1.data_ptr(), k2.data_ptr(), out.data_ptr()
+
+    def run(lo: int, hi: int) -> None:
+        lib.cfgen_gumbel(p1 + 8 * lo, p2 + 8 * lo, hi - lo, vocab, po + 4 * lo * vocab)
+
+    _parallel(run, len(k1), vocab)
+    return out
+
+
+def posterior(
+    lib: ctypes.CDLL, z: torch.Tensor, y: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, m: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused posterior noise for float32 rows ``z`` ``[N, V]``; returns (noise, impossible-row flags)."""
+    z, y, k1, k2, m = (t.contiguous() for t in (z, y, k1, k2, m))
+    rows, vocab = z.shape
+    out = torch.empty(rows, vocab, dtype=torch.float32)
+    status = torch.zeros(rows, dtype=torch.int32)
+    pz, py, p1, p2, pm, po, ps = (t.data_ptr() for t in (z, y, k1, k2, m, out, status))
+
+    def run(lo: int, hi: int) -> None:
+        lib.cfgen_posterior(
+            pz + 4 * lo * vocab, py + 8 * lo, p1 + 8 * lo, p2 + 8 * lo, pm + 4 * lo,
+            hi - lo, vocab, bits, po + 4 * lo * vocab, ps + 4 * lo,
+        )  # fmt: skip
+
+    _parallel(run, rows, vocab)
+    return out, status.bool()
