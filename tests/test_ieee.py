@@ -77,6 +77,21 @@ def test_log_softmax32_close_to_torch_and_order_independent():
     assert torch.equal(_ieee.log_softmax32(z[:, perm]), ours[:, perm])
 
 
+def test_truncated_gumbel_matches_float64_formula():
+    # U = g - softplus(a + g - m) across the series tail (z <= -9), the exact region and z > 0
+    g_ = torch.Generator().manual_seed(5)
+    a = -torch.rand(200_000, generator=g_) * 60
+    g = -torch.log(-torch.log(torch.rand(200_000, generator=g_).clamp(1e-30, 1 - 1e-7)))
+    m = torch.randn(200_000, generator=g_) * 2
+    ref = g.double() - torch.nn.functional.softplus((a.double() + g.double()) - m.double())
+    got = _ieee.truncated_gumbel(a, g, m)
+    # a few ulps of the operands, plus float32's rounding of z = a + g - m carried by softplus' slope
+    z = (a.double() + g.double()) - m.double()
+    tol = 2.0**-22 * (ref.abs() + g.double().abs() + z.abs() * torch.sigmoid(z)) + 2.0**-60
+    assert ((got.double() - ref).abs() <= tol).all()
+    assert torch.equal(_ieee.truncated_gumbel(torch.tensor([float("-inf")]), g[:1], m[:1]), g[:1])
+
+
 def test_fixed_point_bits_never_overflow():
     for vocab in (1, 2, 50257, 2**16, 2**16 + 1, 151936, 262144, 2**23):
         bits = _ieee.fixed_point_bits(vocab)
@@ -142,6 +157,18 @@ def test_native_posterior_bit_identical_to_eager(monkeypatch, sampler, vocab):
     native = _with(monkeypatch, "native", lambda: cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds))
     assert torch.equal(eager, native)
     assert torch.equal(sampler.sample(logits, native), tokens)
+
+
+@needs_native
+def test_native_posterior_skips_far_tokens_without_changing_bits(monkeypatch):
+    # wide logits: whole vectors of tokens far below the maximum take the kernel's shortcut,
+    # others the series tail or the exact formula; all must equal the eager result
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(12, 4096, generator=g) * 12
+    tokens = cfgen.Sampler().sample(logits, cfgen.gumbel_noise(torch.arange(12), 0, 4096))
+    eager = _with(monkeypatch, "eager", lambda: cfgen.posterior_noise(logits, tokens, seed=torch.arange(12)))
+    native = _with(monkeypatch, "native", lambda: cfgen.posterior_noise(logits, tokens, seed=torch.arange(12)))
+    assert torch.equal(eager, native)
 
 
 @needs_native
