@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="sequences B (default 8)")
     parser.add_argument("--new-tokens", type=int, default=64, help="sampled tokens T per sequence (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row, median reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row, median reported (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

@@ -179,6 +179,44 @@ void cfgen_gumbel(const int64_t *k1, const int64_t *k2, int64_t rows, int64_t vo
     }
 }
 
+/* zmax = max_v z_v and ls = log32(fixed-point sum of exp32(z_v - zmax)): log_softmax32's normaliser. */
+static void row_normaliser(const float *zr, int64_t vocab, int32_t bits, float *zmax_out, float *ls_out) {
+    /* trunc(p * 2**bits) = hi * 2**(bits - 23) + trunc(frac(p * 2**23) * 2**(bits - 23)) with
+     * hi = trunc(p * 2**23): the integer the torch code's int64 conversion gives, in int32 lanes. */
+    const float rest = (float)(1ll << (bits - 23));
+    const float down = 1.0f / (float)(1ll << bits);
+    const int64_t body = vocab - vocab % 8, tail = vocab - body;
+    v8f best = splat(NINF);
+    for (int64_t v = 0; v < body; v += 8) best = vmax(best, load(zr + v));
+    if (tail) best = vmax(best, load_tail(zr + body, tail, NINF));
+    const float zmax = hmax(best);
+    int64_t total = 0;
+    for (int64_t lo = 0; lo < vocab; lo += 1024) { /* int32 lanes hold 128 terms below 2**23 */
+        v8i hi_acc = {0}, lo_acc = {0};
+        const int64_t end = lo + 1024 < vocab ? lo + 1024 : vocab;
+        for (int64_t v = lo; v < end; v += 8) {
+            v8f p = exp32((v + 8 <= end ? load(zr + v) : load_tail(zr + v, end - v, NINF)) - zmax) * 0x1p23f;
+            v8i hi = __builtin_convertvector(p, v8i);
+            hi_acc += hi;
+            lo_acc += __builtin_convertvector((p - __builtin_convertvector(hi, v8f)) * rest, v8i);
+        }
+        for (int j = 0; j < 8; j++) total += ((int64_t)hi_acc[j] << (bits - 23)) + lo_acc[j];
+    }
+    *zmax_out = zmax;
+    *ls_out = log32(splat((float)(double)total * down))[0];
+}
+
+/* out = log_softmax32(z) row by row: (z - zmax) - ls, -inf where z is -inf. */
+void cfgen_log_softmax(const float *z, int64_t rows, int64_t vocab, int32_t bits, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *zr = z + r * vocab;
+        float *o = out + r * vocab;
+        float zmax, ls;
+        row_normaliser(zr, vocab, bits, &zmax, &ls);
+        for (int64_t v = 0; v < vocab; v++) o[v] = (zr[v] - zmax) - ls;
+    }
+}
+
 /* The hindsight posterior for rows of float32 logits z (temperature applied,
  * -inf outside the support). a = log_softmax32(z); U_v = truncated(a_v, g_v, m)
  * with g the Gumbel noise of (k1, k2); U_y = m - a_y; then U_y is lifted until
@@ -186,33 +224,13 @@ void cfgen_gumbel(const int64_t *k1, const int64_t *k2, int64_t rows, int64_t vo
  * status[r] = 1 when y is outside the support (the row is left unwritten). */
 void cfgen_posterior(const float *z, const int64_t *y, const int64_t *k1, const int64_t *k2, const float *m,
                      int64_t rows, int64_t vocab, int32_t bits, float *out, int32_t *status) {
-    /* trunc(p * 2**bits) = hi * 2**(bits - 23) + trunc(frac(p * 2**23) * 2**(bits - 23)) with
-     * hi = trunc(p * 2**23): the integer the torch code's int64 conversion gives, in int32 lanes. */
-    const float rest = (float)(1ll << (bits - 23));
-    const float down = 1.0f / (float)(1ll << bits);
     for (int64_t r = 0; r < rows; r++) {
         const float *zr = z + r * vocab;
         float *o = out + r * vocab;
         const int64_t body = vocab & ~(int64_t)7, tail = vocab - body;
 
-        v8f best = splat(NINF);
-        for (int64_t v = 0; v < body; v += 8) best = vmax(best, load(zr + v));
-        if (tail) best = vmax(best, load_tail(zr + body, tail, NINF));
-        const float zmax = hmax(best);
-
-        int64_t total = 0;
-        for (int64_t lo = 0; lo < vocab; lo += 1024) { /* int32 lanes hold 128 terms below 2**23 */
-            v8i hi_acc = {0}, lo_acc = {0};
-            const int64_t end = lo + 1024 < vocab ? lo + 1024 : vocab;
-            for (int64_t v = lo; v < end; v += 8) {
-                v8f p = exp32((v + 8 <= end ? load(zr + v) : load_tail(zr + v, end - v, NINF)) - zmax) * 0x1p23f;
-                v8i hi = __builtin_convertvector(p, v8i);
-                hi_acc += hi;
-                lo_acc += __builtin_convertvector((p - __builtin_convertvector(hi, v8f)) * rest, v8i);
-            }
-            for (int j = 0; j < 8; j++) total += ((int64_t)hi_acc[j] << (bits - 23)) + lo_acc[j];
-        }
-        const float ls = log32(splat((float)(double)total * down))[0];
+        float zmax, ls;
+        row_normaliser(zr, vocab, bits, &zmax, &ls);
 
         const int64_t yr = y[r];
         const float ay = (zr[yr] - zmax) - ls;
@@ -234,7 +252,7 @@ void cfgen_posterior(const float *z, const int64_t *y, const int64_t *k1, const 
 
         /* the best rival of y: max over v != y of a_v + U_v (y's slot masked for the pass) */
         o[yr] = NINF;
-        best = splat(NINF);
+        v8f best = splat(NINF);
         for (int64_t v = 0; v < body; v += 8) best = vmax(best, ((load(zr + v) - zmax) - ls) + load(o + v));
         if (tail)
             best = vmax(best, ((load_tail(zr + body, tail, NINF) - zmax) - ls) + load_tail(o + body, tail, NINF));

@@ -88,6 +88,8 @@ def _build() -> ctypes.CDLL:
     lib.cfgen_gumbel.restype = None
     lib.cfgen_posterior.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int32, ptr, ptr]
     lib.cfgen_posterior.restype = None
+    lib.cfgen_log_softmax.argtypes = [ptr, i64, i64, ctypes.c_int32, ptr]
+    lib.cfgen_log_softmax.restype = None
     lib.cfgen_advise_huge.argtypes = [ptr, i64]
     lib.cfgen_advise_huge.restype = None
     return lib
@@ -164,6 +166,20 @@ def gumbel(lib: ctypes.CDLL, k1: torch.Tensor, k2: torch.Tensor, vocab: int) -> 
         lib.cfgen_gumbel(p1 + 8 * lo, p2 + 8 * lo, hi - lo, vocab, po + 4 * lo * vocab)
 
     _parallel(run, len(k1), vocab)
+    return out
+
+
+def log_softmax(lib: ctypes.CDLL, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """``_ieee.log_softmax32`` of float32 rows ``z`` ``[N, V]`` (CPU)."""
+    z = z.contiguous()
+    rows, vocab = z.shape
+    out = _empty(lib, rows, vocab)
+    pz, po = z.data_ptr(), out.data_ptr()
+
+    def run(lo: int, hi: int) -> None:
+        lib.cfgen_log_softmax(pz + 4 * lo * vocab, hi - lo, vocab, bits, po + 4 * lo * vocab)
+
+    _parallel(run, rows, vocab)
     return out
 
 

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from ._ieee import log_softmax32
+from . import _native
+from ._ieee import fixed_point_bits, log_softmax32
 
 __all__ = ["Sampler", "check_logits"]
 
@@ -120,7 +121,11 @@ class Sampler:
             >>> cfgen.Sampler(top_p=0.5).log_probs(torch.tensor([0.0, 3.0, 1.0]))
             tensor([-inf, 0., -inf])
         """
-        return log_softmax32(self.support_logits(logits))
+        z = self.support_logits(logits)
+        lib = _native.library() if z.device.type == "cpu" and z.numel() else None
+        if lib is None:
+            return log_softmax32(z)
+        return _native.log_softmax(lib, z.reshape(-1, z.shape[-1]), fixed_point_bits(z.shape[-1])).reshape(z.shape)
 
     def support_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits after the temperature, ``-inf`` outside the support (not normalised).

@@ -5,6 +5,8 @@ with the eager torch code: the property that makes noise the same on every
 backend.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -103,6 +105,12 @@ def test_fixed_point_bits_never_overflow():
 needs_native = pytest.mark.skipif(_native.library() is None, reason="native kernels unavailable (no C compiler)")
 
 
+@pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises a C compiler")
+def test_native_kernels_build_in_ci():
+    # otherwise every native test above would silently skip
+    assert _native.library() is not None
+
+
 def _with(monkeypatch, backend, fn):
     monkeypatch.setenv("CFGEN_BACKEND", backend)
     try:
@@ -168,6 +176,15 @@ def test_native_posterior_skips_far_tokens_without_changing_bits(monkeypatch):
     tokens = cfgen.Sampler().sample(logits, cfgen.gumbel_noise(torch.arange(12), 0, 4096))
     eager = _with(monkeypatch, "eager", lambda: cfgen.posterior_noise(logits, tokens, seed=torch.arange(12)))
     native = _with(monkeypatch, "native", lambda: cfgen.posterior_noise(logits, tokens, seed=torch.arange(12)))
+    assert torch.equal(eager, native)
+
+
+@needs_native
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.describe())
+def test_native_log_probs_bit_identical_to_eager(monkeypatch, sampler):
+    logits = torch.randn(3, 4, 1001, generator=torch.Generator().manual_seed(7)) * 6
+    eager = _with(monkeypatch, "eager", lambda: sampler.log_probs(logits))
+    native = _with(monkeypatch, "native", lambda: sampler.log_probs(logits))
     assert torch.equal(eager, native)
 
 
