@@ -12,7 +12,6 @@ import torch
 
 import cfgen
 from cfgen import _ieee, _native
-from cfgen import noise as N
 
 
 def ulps(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
