@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from ._ieee import log_softmax32
+
 _CHOICES = ("auto", "native", "eager")
 _SOURCE = Path(__file__).with_name("_native.c")
 _lock = threading.Lock()
@@ -131,15 +133,21 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
+    """Compare the kernels with the eager torch code on inputs that reach every branch."""
     from .noise import _eager_gumbel, _row_keys
+    from .posterior import _eager_posterior
 
     seeds = torch.tensor([0, 1, 2**40 + 3], dtype=torch.int64)
     k1, k2 = _row_keys(seeds, seeds * 7, 0)
-    expected = _eager_gumbel(k1, k2, 1003)
-    got = torch.empty_like(expected)
-    lib.cfgen_gumbel(k1.data_ptr(), k2.data_ptr(), len(k1), 1003, got.data_ptr())
-    if not torch.equal(got, expected):
-        raise RuntimeError("the compiled kernels do not reproduce the eager noise bit for bit on this platform")
+    same = torch.equal(gumbel(lib, k1, k2, 1003), _eager_gumbel(k1, k2, 1003))
+    z = torch.linspace(-60.0, 8.0, 3 * 1003).reshape(3, 1003)[:, torch.randperm(1003, generator=torch.Generator().manual_seed(0))]
+    z[1, ::5] = float("-inf")
+    y, m = z.argmax(-1), torch.tensor([0.5, -1.0, 3.0])
+    bits = 46
+    same = same and torch.equal(log_softmax(lib, z, bits), log_softmax32(z))
+    same = same and torch.equal(posterior(lib, z, y, k1, k2, m, bits)[0], _eager_posterior(z, y, k1, k2, m)[0])
+    if not same:
+        raise RuntimeError("the compiled kernels do not reproduce the eager torch code bit for bit on this platform")
 
 
 def _parallel(fn, rows: int, work_per_row: int) -> None:

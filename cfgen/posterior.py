@@ -136,17 +136,26 @@ def posterior_noise(
     rows = len(y) if logits.device.type != "cpu" else max(1, _BLOCK // vocab)
     for lo in range(0, len(y), rows):
         hi = min(lo + rows, len(y))
-        a = log_softmax32(sampler.support_logits(flat_logits[lo:hi]))
-        a_y = a.gather(1, y[lo:hi, None])[:, 0]
-        impossible = torch.isneginf(a_y)
+        z = sampler.support_logits(flat_logits[lo:hi])
+        block, impossible = _eager_posterior(z, y[lo:hi], k1[lo:hi], k2[lo:hi], m[lo:hi, 0])
         if bool(impossible.any()):
             i = lo + int(impossible.nonzero()[0])
             raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
-        block = truncated_gumbel(a, _eager_gumbel(k1[lo:hi], k2[lo:hi], vocab), m[lo:hi])
-        block.scatter_(1, y[lo:hi, None], (m[lo:hi, 0] - a_y)[:, None])
-        _ensure_argmax(a, block, y[lo:hi])
         u[lo:hi] = block
     return u.reshape(logits.shape)
+
+
+def _eager_posterior(z, y, k1, k2, m) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of ``_native.posterior``: noise for support logits ``z`` [n, V], and impossible rows."""
+    a = log_softmax32(z)
+    a_y = a.gather(1, y[:, None])[:, 0]
+    impossible = torch.isneginf(a_y)
+    if bool(impossible.any()):
+        return torch.empty(0), impossible
+    u = truncated_gumbel(a, _eager_gumbel(k1, k2, z.shape[1]), m[:, None])
+    u.scatter_(1, y[:, None], (m - a_y)[:, None])
+    _ensure_argmax(a, u, y)
+    return u, impossible
 
 
 def _ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> None:

@@ -205,3 +205,31 @@ def test_prior_noise_is_pinned():
     # Regression pin of the transform on top of the pinned hash: changing either changes every text.
     got = cfgen.gumbel_noise(0, 0, 4)[0].tolist()
     assert got == [-0.30085623264312744, 0.21527479588985443, -0.5225127935409546, 0.6053664684295654]
+
+
+def test_without_a_compiler_falls_back_to_eager_with_one_warning(tmp_path):
+    # a fresh process whose C compiler always fails: auto warns once and gives the eager bits,
+    # native raises and says why
+    import subprocess
+    import sys
+
+    code = (
+        "import os, warnings, torch, cfgen\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = cfgen.gumbel_noise(torch.arange(3), 0, 50)\n"
+        "    b = cfgen.gumbel_noise(torch.arange(3), 1, 50)\n"
+        "print(len(w), 'native CPU kernels are unavailable' in str(w[0].message))\n"
+        "os.environ['CFGEN_BACKEND'] = 'eager'\n"
+        "print(torch.equal(a, cfgen.gumbel_noise(torch.arange(3), 0, 50)))\n"
+        "os.environ['CFGEN_BACKEND'] = 'native'\n"
+        "try:\n"
+        "    cfgen.gumbel_noise(0, 0, 5)\n"
+        "except RuntimeError as err:\n"
+        "    print('CFGEN_BACKEND=native' in str(err))\n"
+    )
+    env = {**os.environ, "CC": "false", "CFGEN_CACHE_DIR": str(tmp_path)}
+    env.pop("CFGEN_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True", "True", "True"], out.stdout + out.stderr
