@@ -22,7 +22,8 @@ __all__ = ["Sampler", "check_logits"]
 
 
 def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
-    """Raise a ValueError if ``logits`` is not a floating tensor free of NaN and +inf."""
+    """Raise a ValueError if ``logits`` is not a floating tensor free of NaN and +inf
+    with a finite entry in every row."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():

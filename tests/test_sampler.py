@@ -100,3 +100,11 @@ def test_nan_and_inf_logits_rejected():
         cfgen.Sampler().log_probs(torch.tensor([0.0, float("inf")]))
     with pytest.raises(ValueError, match="shape"):
         cfgen.Sampler().sample(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_a_row_of_only_minus_inf_is_rejected_with_its_index():
+    logits = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]])
+    with pytest.raises(ValueError, match=r"row \(1,\) are all -inf"):
+        cfgen.Sampler().log_probs(logits)
+    with pytest.raises(ValueError, match="all -inf"):
+        cfgen.posterior_noise(logits, torch.tensor([1, 0]))
