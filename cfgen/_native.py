@@ -153,8 +153,8 @@ def _parallel(fn, rows: int, work_per_row: int) -> None:
     if threads == 1:
         fn(0, rows)
         return
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cfgen")
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, threads), thread_name_prefix="cfgen")
     bounds = [rows * i // threads for i in range(threads + 1)]
     for f in [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         f.result()
