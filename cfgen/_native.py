@@ -100,11 +100,11 @@ def _empty(lib: ctypes.CDLL, rows: int, vocab: int) -> torch.Tensor:
     return out
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The checked native library, or None where the eager path should run."""
+def library(device: Optional[torch.device] = None) -> Optional[ctypes.CDLL]:
+    """The checked native library, or None where the eager path should run (always off the CPU)."""
     global _lib, _failed
     choice = backend()
-    if choice == "eager":
+    if choice == "eager" or (device is not None and torch.device(device).type != "cpu"):
         return None
     if _lib is not None:
         return _lib

@@ -171,7 +171,7 @@ def gumbel_noise(
     _check_vocab(vocab_size)
     s, t = _broadcast_rows(seeds, step, device)
     k1, k2 = _row_keys(s, t, stream)
-    lib = _native.library() if s.device.type == "cpu" else None
+    lib = _native.library(s.device)
     if lib is not None:
         return _native.gumbel(lib, k1, k2, vocab_size)
     return _eager_gumbel(k1, k2, vocab_size)

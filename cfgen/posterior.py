@@ -123,7 +123,7 @@ def posterior_noise(
     seeds, steps = _keys(tokens.to(logits.device), seed, step)
     m = gumbel_noise(seeds, steps, 1, stream=POSTERIOR_MAX)  # [n, 1]: the maximum, Gumbel(0, 1)
     k1, k2 = _row_keys(seeds, steps, POSTERIOR_TRUNCATED)
-    lib = _native.library() if logits.device.type == "cpu" else None
+    lib = _native.library(logits.device)
     if lib is not None:
         z = sampler.support_logits(flat_logits)
         u, impossible = _native.posterior(lib, z, y, k1, k2, m[:, 0], fixed_point_bits(vocab))

@@ -123,7 +123,7 @@ class Sampler:
             tensor([-inf, 0., -inf])
         """
         z = self.support_logits(logits)
-        lib = _native.library() if z.device.type == "cpu" and z.numel() else None
+        lib = _native.library(z.device) if z.numel() else None
         if lib is None:
             return log_softmax32(z)
         return _native.log_softmax(lib, z.reshape(-1, z.shape[-1]), fixed_point_bits(z.shape[-1])).reshape(z.shape)
