@@ -190,8 +190,38 @@ def _read_existing(path: Path, settings: dict, prompts: list[str], observed: lis
     return found
 
 
-def _check_out(args, settings, prompts, observed) -> Optional[_Existing]:
-    """Everything about --out that can fail, checked before any model work."""
+class _Out:
+    """The --out file, open for appending and locked against a second ``cfgen run`` writing to it at once."""
+
+    def __init__(self, path: Path, created: bool) -> None:
+        self.path, self.created = path, created
+        self.file = open(path, "ab")
+        self.existing: Optional[_Existing] = None
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform (Windows)
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise _Usage(f"--out {path}: another cfgen run is writing to it") from None
+
+    def append(self, lines: list[str]) -> None:
+        self.file.write("".join(lines).encode("utf-8"))  # one write per batch, then to the disk
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        self.file.close()
+        if self.created and self.path.exists() and self.path.stat().st_size == 0:
+            self.path.unlink()  # a run that saved nothing leaves no new empty file behind
+
+
+def _check_out(args, settings, prompts, observed) -> Optional[_Out]:
+    """Everything about --out that can fail, checked before any model work; the file is then open and locked."""
     if args.resume and not args.out:
         raise _Usage("--resume continues an --out FILE; give --out")
     if not args.out:
@@ -202,16 +232,24 @@ def _check_out(args, settings, prompts, observed) -> Optional[_Existing]:
         raise _Usage(f"--out {args.out}: the folder {parent} does not exist")
     if path.is_dir():
         raise _Usage(f"--out {args.out} is a folder; give a file name")
-    if path.exists():
+    exists = path.exists()
+    if exists:
         if not os.access(path, os.W_OK):
             raise _Usage(f"--out {args.out}: not writable")
-        if args.resume:
-            return _read_existing(path, settings, prompts, observed, args.num_samples, args.seed)
-        if path.stat().st_size and not args.overwrite:
+        if path.stat().st_size and not (args.resume or args.overwrite):
             raise _Usage(f"--out {args.out} already exists; pass --resume to continue it or --overwrite to replace it")
     elif not os.access(parent, os.W_OK | os.X_OK):
         raise _Usage(f"--out {args.out}: the folder {parent} is not writable")
-    return _Existing() if args.resume else None
+    out = _Out(path, created=not exists)
+    try:
+        if args.resume:  # read under the lock: nobody appends meanwhile
+            out.existing = _read_existing(path, settings, prompts, observed, args.num_samples, args.seed)
+        elif args.overwrite:
+            out.file.truncate(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 class _StopAfterBatch:
@@ -267,7 +305,18 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         _check_model_dir(args.model)
     settings = _run_settings(args)
-    existing = _check_out(args, settings, prompts, observed)
+    out = _check_out(args, settings, prompts, observed)
+    try:
+        return _run(args, prompts, observed, sampler, settings, out)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict, out: Optional[_Out]) -> int:
+    import cfgen
+
+    existing = out.existing if out is not None else None
     todo = [i for i in range(len(prompts)) if existing is None or i not in existing.done]
     if existing is not None and not todo and not existing.torn:
         print(f"cfgen run: {args.out} already holds all {existing.records} records of this run; nothing to do")
@@ -298,54 +347,48 @@ def run(args: argparse.Namespace) -> int:
     safe = existing.records if existing else 0
     written = 0
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    out = None
-    if args.out:
-        if existing is not None and existing.torn:
-            with open(args.out, "r+b") as f:  # a write cut short by a kill: its records are recomputed
-                f.truncate(os.path.getsize(args.out) - existing.torn)
-            print(f"cfgen run: dropped an incomplete last line ({existing.torn} bytes) from {args.out}",
-                  file=sys.stderr)
-        if existing is not None and existing.done:
-            print(f"cfgen run: resuming {args.out}: {len(existing.done)} of {len(prompts)} prompts done, "
-                  f"{len(todo)} to go", file=sys.stderr)
-        out = open(args.out, "ab" if existing is not None else "wb")
+    if existing is not None and existing.torn:  # a write cut short by a kill: its records are recomputed
+        out.file.truncate(out.path.stat().st_size - existing.torn)
+        print(f"cfgen run: dropped an incomplete last line ({existing.torn} bytes) from {args.out}", file=sys.stderr)
+    if existing is not None and existing.done:
+        print(f"cfgen run: resuming {args.out}: {len(existing.done)} of {len(prompts)} prompts done, "
+              f"{len(todo)} to go", file=sys.stderr)
     interrupted = False
-    try:
-        with _StopAfterBatch() as stop:
-            try:
-                for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1):
-                    if stop.requested:
-                        break
-                    chunk = [encoded[i] for i in batch]
-                    if observed:
-                        r = cfgen.counterfactual(intervenable, tok, chunk, [observed[i] for i in batch],
-                                                 max_new_tokens=args.max_new_tokens, **kwargs)
-                    else:
-                        r = cfgen.generate(intervenable, tok, chunk, max_new_tokens=args.max_new_tokens or 64,
-                                           **kwargs)
-                    if out is not None:
-                        lines = []
-                        for rec in r.to_records():
-                            index = batch[rec["prompt_index"]]
-                            rec["prompt"], rec["prompt_index"] = prompts[index], index
-                            rec["settings"] = {**rec.get("settings", {}),
-                                               "cli": {**settings, "observed": observed[index] if observed else None}}
-                            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                        out.write("".join(lines).encode("utf-8"))  # one write per batch, then to the disk
-                        out.flush()
-                        os.fsync(out.fileno())
-                        safe += len(lines)
-                    written += len(r)
-                    if not args.quiet:
-                        _show(r)
-                    if delay:
-                        time.sleep(delay)
-                interrupted = stop.requested
-            except KeyboardInterrupt:
-                interrupted = True
-    finally:
-        if out is not None:
-            out.close()
+    with _StopAfterBatch() as stop:
+        try:
+            for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1):
+                if stop.requested:
+                    break
+                chunk = [encoded[i] for i in batch]
+                if observed:
+                    r = cfgen.counterfactual(intervenable, tok, chunk, [observed[i] for i in batch],
+                                             max_new_tokens=args.max_new_tokens, **kwargs)
+                else:
+                    r = cfgen.generate(intervenable, tok, chunk, max_new_tokens=args.max_new_tokens or 64,
+                                       **kwargs)
+                if out is not None:
+                    lines = []
+                    for rec in r.to_records():
+                        index = batch[rec["prompt_index"]]
+                        rec["prompt"], rec["prompt_index"] = prompts[index], index
+                        rec["settings"] = {**rec.get("settings", {}),
+                                           "cli": {**settings, "observed": observed[index] if observed else None}}
+                        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                    out.append(lines)
+                    safe += len(lines)
+                written += len(r)
+                if not args.quiet:
+                    _show(r)
+                if delay:
+                    time.sleep(delay)
+            interrupted = stop.requested
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException:
+            if safe:
+                print(f"cfgen run: stopped by the error below; {safe} records are safe in {args.out} (rerun with "
+                      "--resume once it is fixed)", file=sys.stderr, flush=True)
+            raise
     if interrupted:
         where = f"{safe} records are safe in {args.out}; rerun with --resume to finish" if args.out else \
             f"{written} records were printed; none saved (no --out)"

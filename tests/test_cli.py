@@ -264,3 +264,53 @@ def test_interrupted_run_resumes_to_the_same_bytes(setup, tmp_path, capsys, how)
     assert f"resuming {out}: {n // 2} of 6 prompts done, {6 - n // 2} to go" in printed.err
     assert ("dropped an incomplete last line (26 bytes)" in printed.err) == (how == "SIGKILL")
     assert f"wrote {12 - n} records to {out} (12 in all)" in printed.out
+
+
+def test_first_ctrl_c_asks_to_stop_after_the_batch_second_stops_now(capsys):
+    with cli._StopAfterBatch() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        assert "stopping after the current batch (Ctrl-C again to stop now)" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+
+
+def test_an_error_mid_run_keeps_the_finished_batches(setup, tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference.jsonl"
+    assert main(base_args(setup, reference)) == 0
+    real, calls = cfgen.api.generate, []
+
+    def failing_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("something about batch 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cfgen.api, "generate", failing_second_batch)
+    out = tmp_path / "r.jsonl"
+    capsys.readouterr()
+    assert main(base_args(setup, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2:] == [f"cfgen run: stopped by the error below; 4 records are safe in {out} (rerun with --resume "
+                        "once it is fixed)", "cfgen run: something about batch 2"]
+    monkeypatch.setattr(cfgen.api, "generate", real)
+    assert main(base_args(setup, out, "--resume")) == 0
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_second_writer_is_refused_and_a_failed_run_leaves_no_empty_file(setup, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "r.jsonl"
+    with open(out, "ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = usage_error(capsys, base_args(setup, out, "--resume"))
+    assert line == f"cfgen run: error: --out {out}: another cfgen run is writing to it"
+    out.unlink()
+    argv = base_args(setup, out)
+    argv[argv.index("--intervention") + 1] = str(tmp_path / "missing")
+    try:  # the intervention folder is checked by _load_intervention, once the model is loaded
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    assert status not in (0, None) and not out.exists()
