@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,9 +107,21 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.remove(tmp)
 
 
+def _remove_stale_temps(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Delete temporary files of builds that were killed (a build takes seconds; these are an hour old)."""
+    now = time.time()
+    for entry in folder.glob("cfgen_native_*.tmp"):
+        try:
+            if now - entry.stat().st_mtime > older_than_s:
+                entry.unlink()
+        except OSError:
+            pass
+
+
 def _compile(cc: str, target: Path) -> None:
     """Compile into a temporary file, record its hash, then rename both into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:

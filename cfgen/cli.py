@@ -114,6 +114,15 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _check_text(values: list[str], flag: str) -> None:
+    for i, text in enumerate(values):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes in argv arrive as lone surrogates
+            raise _Usage(f"{flag} number {i + 1} is not valid UTF-8 text (at character {err.start}); "
+                         "pass text in UTF-8") from None
+
+
 def _check_model_dir(path: str) -> None:
     folder = Path(path)
     if not folder.exists():
@@ -157,11 +166,14 @@ def _read_existing(path: Path, settings: dict, prompts: list[str], observed: lis
         where = f"--out {path} line {number}"
         try:
             rec = json.loads(line)
-            cli = rec["settings"]["cli"]
             index, sample, prompt = rec["prompt_index"], rec["sample_index"], rec["prompt"]
         except (ValueError, KeyError, TypeError) as err:
             raise _Usage(f"{where} is not a record of cfgen run ({type(err).__name__}: {err}); "
                          "not resuming it: give another --out") from None
+        cli = rec.get("settings", {}).get("cli") if isinstance(rec.get("settings"), dict) else None
+        if not isinstance(cli, dict):
+            raise _Usage(f"{where} records no cfgen run settings (written by other code or an older cfgen), so "
+                         "it cannot be resumed safely: give another --out")
         ours = {**settings, "observed": None}
         theirs = {**cli, "observed": None}
         if theirs != ours:
@@ -289,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be wrong with the arguments is found here, before the model is loaded.
     prompts = _read_prompts(args)
+    _check_text(list(args.prompt or []), "--prompt")
+    _check_text(list(args.observed or []), "--observed")
+    _check_text(list(args.source or []), "--source")
     observed = list(args.observed or [])
     if observed and len(observed) not in (1, len(prompts)):
         raise _Usage(f"{len(observed)} --observed for {len(prompts)} prompts; give one or one each")

@@ -253,3 +253,16 @@ def test_stale_temp_folders_of_killed_conversions_are_removed(model_cache):
     left = {key for key, name in folders.items() if (parent / name).exists()}
     assert left == {"live-owner", "new-other-host", "unrelated"}
     assert len(calls) == 1
+
+
+def test_stale_native_build_temps_are_removed(tmp_path):
+    from cfgen import _native
+
+    old, fresh, other = (tmp_path / "cfgen_native_ab.x1.so.tmp", tmp_path / "cfgen_native_ab.x2.so.tmp",
+                         tmp_path / "unrelated.tmp")
+    for path in (old, fresh, other):
+        path.write_bytes(b"partial")
+    for path in (old, other):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    _native._remove_stale_temps(tmp_path)
+    assert not old.exists() and fresh.exists() and other.exists()

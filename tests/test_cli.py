@@ -314,3 +314,12 @@ def test_a_second_writer_is_refused_and_a_failed_run_leaves_no_empty_file(setup,
     except SystemExit as exc:
         status = exc.code
     assert status not in (0, None) and not out.exists()
+
+
+def test_undecodable_text_and_foreign_files_are_refused(capsys, tmp_path):
+    line = usage_error(capsys, ["run", "--intervention", "x", "--prompt", "ok", "--prompt", "bad \udcff byte"])
+    assert "--prompt number 2 is not valid UTF-8 text (at character 4)" in line
+    foreign = tmp_path / "r.jsonl"
+    foreign.write_text(json.dumps({"prompt": "hi", "prompt_index": 0, "sample_index": 0, "settings": {}}) + "\n")
+    line = usage_error(capsys, ["run", "--intervention", "x", "--prompt", "hi", "--out", str(foreign), "--resume"])
+    assert "line 1 records no cfgen run settings (written by other code or an older cfgen)" in line
