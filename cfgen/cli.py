@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         _check_model_dir(args.model)
     settings = _run_settings(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_ranks(args, prompts, observed, sampler, settings)
     out = _check_out(args, settings, prompts, observed)
     try:
         return _run(args, prompts, observed, sampler, settings, out)
@@ -328,14 +330,18 @@ def run(args: argparse.Namespace) -> int:
             out.close()
 
 
-def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict, out: Optional[_Out]) -> int:
+def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict, out: Optional[_Out],
+         batches: Optional[list[list[int]]] = None) -> int:
+    """Run ``batches`` (lists of prompt indices; default: every prompt not yet in ``out``, in order)."""
     import cfgen
 
     existing = out.existing if out is not None else None
-    todo = [i for i in range(len(prompts)) if existing is None or i not in existing.done]
-    if existing is not None and not todo and not existing.torn:
-        print(f"cfgen run: {args.out} already holds all {existing.records} records of this run; nothing to do")
-        return 0
+    if batches is None:
+        todo = [i for i in range(len(prompts)) if existing is None or i not in existing.done]
+        if existing is not None and not todo and not existing.torn:
+            print(f"cfgen run: {args.out} already holds all {existing.records} records of this run; nothing to do")
+            return 0
+        batches = [todo[at:at + args.batch_size] for at in range(0, len(todo), args.batch_size)]
 
     import torch
     from tqdm.auto import tqdm
@@ -358,7 +364,6 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
     if args.unit_locations is not None:
         kwargs["unit_locations"] = _pyvene_locations(args.unit_locations)
 
-    batches = [todo[at:at + args.batch_size] for at in range(0, len(todo), args.batch_size)]
     safe = existing.records if existing else 0
     written = 0
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
@@ -367,7 +372,7 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
         print(f"cfgen run: dropped an incomplete last line ({existing.torn} bytes) from {args.out}", file=sys.stderr)
     if existing is not None and existing.done:
         print(f"cfgen run: resuming {args.out}: {len(existing.done)} of {len(prompts)} prompts done, "
-              f"{len(todo)} to go", file=sys.stderr)
+              f"{sum(map(len, batches))} to go", file=sys.stderr)
     interrupted = False
     with _StopAfterBatch() as stop:
         try:
@@ -413,6 +418,94 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
         more = f" ({safe} in all)" if existing is not None and existing.records else ""
         print(f"wrote {written} records to {args.out}{more}")
     return 0
+
+
+def _part(out: str, rank: int) -> Path:
+    return Path(f"{out}.rank{rank}.part")
+
+
+def _run_ranks(args, prompts: list[str], observed: list[str], sampler, settings: dict) -> int:
+    """``cfgen run`` under torchrun: the single-process batches spread over the ranks, one merged --out.
+
+    Batch ``b`` (the same prompts the single-process run would batch together) runs on rank
+    ``b % world_size``, which appends its records to ``OUT.rank<r>.part`` as it goes (so an interrupted
+    run keeps them and ``--resume`` continues from every part). When all ranks have finished, rank 0
+    writes every record in input order to a temporary file and renames it onto ``--out``: the file is
+    byte for byte the single-process run's, and never exists half-written.
+    """
+    import copy
+
+    import torch.distributed as dist
+
+    from . import distributed
+
+    if not args.out:
+        raise _Usage("under torchrun, give --out FILE: the ranks' records are merged into it")
+    final = Path(args.out)
+    if final.exists() and final.stat().st_size and not (args.resume or args.overwrite):
+        raise _Usage(f"--out {args.out} already exists; pass --resume to continue it or --overwrite to replace it")
+    with distributed.ranks() as ctx:
+        others = [p for p in final.parent.glob(final.name + ".rank*.part")]
+        if args.overwrite and ctx.rank == 0:
+            for path in others + [final]:
+                path.unlink(missing_ok=True)
+        dist.barrier()
+        mine = copy.copy(args)
+        mine.out, mine.resume, mine.overwrite = str(_part(args.out, ctx.rank)), True, False  # a part is continued
+        out = _check_out(mine, settings, prompts, observed)
+        status = "ok"
+        try:
+            done = set(out.existing.done)
+            sources = [final] if args.resume and final.exists() else []
+            sources += [p for p in final.parent.glob(final.name + ".rank*.part") if p != Path(mine.out)]
+            for path in sources:
+                done |= _read_existing(path, settings, prompts, observed, args.num_samples, args.seed).done
+            dist.barrier()  # every rank has read the parts before any rank appends to its own
+            todo = [i for i in range(len(prompts)) if i not in done]
+            batches = [todo[at:at + args.batch_size] for at in range(0, len(todo), args.batch_size)]
+            try:
+                assigned = distributed.assign(len(batches), ctx.rank, ctx.world_size)
+            except ValueError as err:
+                raise _Usage(f"rank {ctx.rank}: {err}") from None
+            code = _run(mine, prompts, observed, sampler, settings, out, [batches[b] for b in assigned])
+            status = "ok" if code == 0 else f"rank {ctx.rank} stopped (exit code {code})"
+        except BaseException as err:
+            status = f"rank {ctx.rank} failed: {type(err).__name__}: {err}"
+            raise
+        finally:
+            out.close()
+            statuses = [None] * ctx.world_size
+            dist.all_gather_object(statuses, status)
+        failed = [s for s in statuses if s != "ok"]
+        if failed:
+            print(f"cfgen run: {'; '.join(failed)}. Finished batches are kept in {final}.rank*.part; rerun the "
+                  "same command with --resume to finish", file=sys.stderr, flush=True)
+            return 130 if all("exit code 130" in s for s in failed) else 1
+        if ctx.rank == 0:
+            _merge(final, args.resume)
+        dist.barrier()
+    return 0
+
+
+def _merge(final: Path, resume: bool) -> None:
+    """Every record of ``final`` (when resuming) and of its part files, in input order, renamed onto ``final``."""
+    lines = []
+    for path in ([final] if resume and final.exists() else []) + sorted(final.parent.glob(final.name + ".rank*.part")):
+        for line in path.read_bytes().splitlines(keepends=True):
+            if not line.endswith(b"\n"):  # the torn tail of a killed write: its prompt is in no record yet
+                continue
+            rec = json.loads(line)
+            lines.append(((rec["prompt_index"], rec["sample_index"]), line))
+    lines.sort(key=lambda item: item[0])
+    tmp = final.with_name(final.name + ".merging")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line for _, line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    for path in final.parent.glob(final.name + ".rank*.part"):
+        path.unlink()
+    print(f"wrote {len(lines)} records to {final}")
 
 
 # ---------------------------------------------------------------- argument types --

@@ -323,3 +323,40 @@ def test_undecodable_text_and_foreign_files_are_refused(capsys, tmp_path):
     foreign.write_text(json.dumps({"prompt": "hi", "prompt_index": 0, "sample_index": 0, "settings": {}}) + "\n")
     line = usage_error(capsys, ["run", "--intervention", "x", "--prompt", "hi", "--out", str(foreign), "--resume"])
     assert "line 1 records no cfgen run settings (written by other code or an older cfgen)" in line
+
+
+def _torchrun_cfgen(argv, nproc=2):
+    """``torchrun --nproc_per_node N -m cfgen ARGV`` with two Gloo CPU ranks."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cfgen",
+           *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_run_over_two_ranks_writes_the_single_process_file_and_resumes_from_parts(setup, tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    assert main(base_args(setup, reference)) == 0
+    ref = reference.read_bytes()
+
+    out = tmp_path / "ranks.jsonl"
+    res = _torchrun_cfgen(base_args(setup, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.read_bytes() == ref
+    assert not list(tmp_path.glob("ranks.jsonl.rank*"))  # the parts are merged and gone
+
+    # An interrupted run leaves its ranks' parts: rank 1 had finished batch 1 (prompts 2, 3) and torn a line.
+    resumed = tmp_path / "resumed.jsonl"
+    lines = ref.splitlines(keepends=True)
+    (tmp_path / "resumed.jsonl.rank1.part").write_bytes(b"".join(lines[4:8]) + b'{"prompt": "the')
+    res = _torchrun_cfgen(base_args(setup, resumed, "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert resumed.read_bytes() == ref
+
+
+def test_more_ranks_than_batches_is_refused_by_rank(setup, tmp_path):
+    out = tmp_path / "out.jsonl"
+    res = _torchrun_cfgen(base_args(setup, out, "--batch-size", "6"))
+    assert res.returncode != 0
+    assert "2 ranks for 1 batches" in res.stderr and "rank 1" in res.stderr
+    assert not out.exists()

@@ -60,3 +60,4 @@ def test_a_failing_rank_is_named_and_no_file_is_left(tmp_path):
     assert res.returncode != 0
     assert "rank 1 failed" in res.stderr + res.stdout
     assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
+
