@@ -148,7 +148,7 @@ class Limits:
         return self.max_length - prompt_len
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Stage:
     """One step of the chain: an HF processor (built per prompt where it must be) or cfgen's Sampler."""
 
@@ -166,7 +166,7 @@ class _Stage:
         return self.cache[k]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Processing:
     """The processed distribution ``p~``: processors, cfgen's sampler, warpers, in HF's order.
 
@@ -481,6 +481,11 @@ def _resolve_sampler(sampler, settings, hf_kwargs, from_config, default_sampler)
             raise TypeError(f"sampler must be a cfgen.Sampler, got {type(sampler).__name__}")
         if given:
             raise TypeError("pass either sampler= or HF-style temperature / top_k / top_p / do_sample, not both")
+        if from_config and any(k in settings for k in SAMPLING):
+            raise TypeError(
+                f"sampler= and generation_config's {[k for k in SAMPLING if k in settings]} both say how to "
+                "sample: pass one of them"
+            )
         return sampler
     if not from_config and not given:
         if not isinstance(default_sampler, Sampler):
@@ -517,6 +522,17 @@ def _eos(settings, generation_config, tokenizer) -> Optional[list[int]]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
     return ids
+
+
+def _token_ids(settings, name: str, *, single: bool = False) -> None:
+    v = settings.get(name)
+    if v is None:
+        return
+    ids = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    ok = (isinstance(ids, (list, tuple)) and (not single or isinstance(v, int))
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids))
+    if not ok:
+        raise ValueError(f"{name} must be {'a token id' if single else 'a token id or a list of them'}, got {v!r}")
 
 
 def _positive_int(settings, name: str, *, zero_ok: bool = True) -> Optional[int]:
@@ -603,6 +619,10 @@ def _stages(settings, sampler: Sampler, user: list, eos, limits: Limits) -> tupl
         add("min_new_tokens", f"MinNewTokensLengthLogitsProcessor(min_new_tokens={mn})", "rows",
             lambda p, d: lp.MinNewTokensLengthLogitsProcessor(len(p), mn, e, device=d), length)
     bos = s.get("forced_bos_token_id")
+    _token_ids(s, "forced_bos_token_id", single=True)
+    _token_ids(s, "forced_eos_token_id")
+    _token_ids(s, "suppress_tokens")
+    _token_ids(s, "begin_suppress_tokens")
     if bos is not None:
         add("forced_bos_token_id", f"ForcedBOSTokenLogitsProcessor({bos})", "rows", lambda p, d: lp.ForcedBOSTokenLogitsProcessor(bos))
     feos = s.get("forced_eos_token_id")

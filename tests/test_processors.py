@@ -336,8 +336,14 @@ def test_bad_arguments_name_themselves():
         build(no_repeat_ngram_size=-1)
     with pytest.raises(ValueError, match="min_p"):
         build(min_p=1.5)
-    with pytest.raises(ValueError, match="repetition_penalty"):
+    with pytest.raises(ValueError, match="repetition_penalty=0.0 is invalid"):
         build(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="suppress_tokens must be a token id or a list"):
+        build(suppress_tokens=["a"])
+    with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
+        build(forced_bos_token_id=[1, 2])
+    with pytest.raises(TypeError, match=r"sampler= and generation_config's \['temperature'\]"):
+        build(sampler=cfgen.Sampler(), generation_config=transformers.GenerationConfig(temperature=0.5))
     _, processing, _ = build(suppress_tokens=list(range(V)))
     with pytest.raises(ValueError, match=r"after SuppressTokensLogitsProcessor.*row 0 has no token left"):
         processing.log_probs(torch.zeros(1, V), [[3]], [1])
@@ -379,5 +385,5 @@ def test_user_processor_replaces_a_builtin_of_its_class_in_place():
     _, processing, _ = build(repetition_penalty=1.5, no_repeat_ngram_size=2, logits_processor=[BanAfterThree(), mine])
     assert processing.describe() == ["RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor(ngram_size=2)",
                                      "BanAfterThree", "Sampler(temperature=1, top_k=None, top_p=None)"]
-    z = processing.support_logits(torch.full((1, 4), 3.0), [[1]], [1])
+    z = processing.support_logits(torch.full((1, 4), 3.0), [[1, 0]], [1])
     assert z[0, 1] == 1.0  # the user's penalty 3.0, not 1.5
