@@ -121,8 +121,9 @@ class Limits:
     """How long to generate and where to stop, as HF reads them from ``generate``'s arguments.
 
     ``max_new_tokens`` wins when set (HF gives it precedence too); otherwise
-    ``max_length`` counts the prompt. ``eos_token_ids`` is ``None`` when not given
-    (the caller then uses the tokenizer's), else the ids that end a row.
+    ``max_length`` counts the prompt. ``eos_token_ids``: the ids that end a row, from
+    ``eos_token_id`` (argument or config), else the tokenizer passed to :func:`build`;
+    ``None`` when neither gave one (the caller then uses its own default).
 
     Example:
         >>> from cfgen.processors import Limits
@@ -411,7 +412,7 @@ def build(
     settings = _merge(generation_config, hf_kwargs, logits_processor)
     from_config = generation_config is not None
     sampler = _resolve_sampler(sampler, settings, hf_kwargs, from_config, default_sampler)
-    eos = _eos(settings, generation_config, tokenizer)
+    eos = _eos(settings, tokenizer)
     limits = _limits(settings, hf_kwargs, eos)
     stages = _stages(settings, sampler, list(logits_processor or []), eos, limits)
     recorded = {k: v for k, v in settings.items() if k not in SAMPLING and k not in _INERT}
@@ -512,7 +513,7 @@ def _resolve_sampler(sampler, settings, hf_kwargs, from_config, default_sampler)
     return Sampler(settings.get("temperature", 1.0), settings.get("top_k"), settings.get("top_p"))
 
 
-def _eos(settings, generation_config, tokenizer) -> Optional[list[int]]:
+def _eos(settings, tokenizer) -> Optional[list[int]]:
     eos = settings.get("eos_token_id")
     if eos is None and tokenizer is not None:
         eos = getattr(tokenizer, "eos_token_id", None)

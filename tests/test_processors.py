@@ -387,3 +387,36 @@ def test_user_processor_replaces_a_builtin_of_its_class_in_place():
                                      "BanAfterThree", "Sampler(temperature=1, top_k=None, top_p=None)"]
     z = processing.support_logits(torch.full((1, 4), 3.0), [[1, 0]], [1])
     assert z[0, 1] == 1.0  # the user's penalty 3.0, not 1.5
+
+
+def test_left_padded_batch_matches_hf_for_repetition_penalty():
+    """HF tells RepetitionPenaltyLogitsProcessor to skip left padding, so its padded batch equals cfgen's per-row
+    histories: prompts of lengths 2, 6 and 4 in one HF batch, 10 new tokens, 3 seeds each."""
+    model = make_model()
+    prompts = [[5, 3], [6, 6, 9, 3, 12, 13], [7, 7, 4, 1]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    kw = {"repetition_penalty": 1.8, "temperature": 0.8}
+    _, processing, _ = build(**kw)
+    for base in (0, 10, 20):
+        seeds = [base + 1, base + 2, base + 3]
+        gc = transformers.GenerationConfig(do_sample=True, **kw)
+        model._prepare_special_tokens(gc, True, device="cpu")
+        hf = model._get_logits_processor(generation_config=gc, input_ids_seq_length=width, encoder_input_ids=ids,
+                                         logits_processor=lp.LogitsProcessorList(), device="cpu",
+                                         model_kwargs={"attention_mask": mask})
+        hook = SamplerHook(cfgen.Sampler(), seeds=torch.tensor(seeds))
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, pad_token_id=0,
+                             eos_token_id=None, logits_processor=lp.LogitsProcessorList([*hf, hook]))
+        ours = cfgen_loop(model, processing, prompts, seeds, N_NEW, stop=set())
+        assert out[:, width:].tolist() == ours
+
+
+def test_doctests():
+    import doctest
+
+    from cfgen import processors
+
+    result = doctest.testmod(processors, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 12 and result.failed == 0
