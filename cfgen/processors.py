@@ -316,8 +316,8 @@ class Processing:
                 z = out.to(torch.float32)
             else:
                 out = torch.empty_like(z)
-                for rows, hist, plen in groups:
-                    proc = stage.processor(hist[:plen].tolist(), device)
+                for rows, hist, prompt in groups:
+                    proc = stage.processor(prompt, device)
                     out[rows] = proc(hist[None].expand(len(rows), -1), z[rows]).to(torch.float32)
                 z = out
             _check(z, stage.name, histories)
@@ -332,7 +332,7 @@ _UNIT = Sampler()
 _NO_IDS = torch.zeros(1, 0, dtype=torch.long)
 
 
-def _groups(histories, prompt_lens, device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def _groups(histories, prompt_lens, device) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
     """Rows with the same (history, prompt length): one processor call each, on the shared history."""
     index: dict[tuple, list[int]] = {}
     for r, (h, p) in enumerate(zip(histories, prompt_lens)):
@@ -343,7 +343,7 @@ def _groups(histories, prompt_lens, device) -> list[tuple[torch.Tensor, torch.Te
             raise ValueError(f"row {rows[0]} has an empty history: processors need at least one prompt token")
         if not 0 < p <= len(h):
             raise ValueError(f"row {rows[0]}: prompt length {p} must be in [1, {len(h)}] (its history's length)")
-        out.append((torch.tensor(rows, device=device), torch.tensor(h, dtype=torch.long, device=device), p))
+        out.append((torch.tensor(rows, device=device), torch.tensor(h, dtype=torch.long, device=device), list(h[:p])))
     return out
 
 
