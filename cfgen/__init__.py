@@ -44,6 +44,7 @@ _LAZY = {
     "save": "cfgen.persist",
     "load": "cfgen.persist",
     "processors": "cfgen.processors",
+    "provenance": "cfgen.provenance",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
