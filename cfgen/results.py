@@ -579,8 +579,8 @@ class CounterfactualResult:
         self._fill_pieces([ids for name in _STREAMS if getattr(self, f"{name}_ids") is not None
                            for ids in getattr(self, f"{name}_ids")[:shown]])
         first, inter_first = self.first_divergence, self.interventional_divergence
-        heads = ["row", "seed", "factual", "counterfactual"] + (["interventional"] if has_inter else []) + ["diverges"]
-        widths = ["3em", "4em"] + ["auto"] * (3 if has_inter else 2) + ["8em"]
+        heads = ["row", "factual", "counterfactual"] + (["interventional"] if has_inter else []) + ["diverges"]
+        widths = ["4.5em"] + ["auto"] * (3 if has_inter else 2) + ["7.5em"]
         ncol = len(heads)
         th = "text-align:left;padding:6px 10px;border-bottom:2px solid #bbb;font-weight:600;"
         head = "".join(f"<th style='{th}width:{w}'>{h}</th>" for h, w in zip(heads, widths))
@@ -591,7 +591,9 @@ class CounterfactualResult:
                 last_prompt = p
                 body.append(self._html_prompt(p, ncol))
             d, fact, cf = first[r], self.factual_ids[r], self.counterfactual_ids[r]
-            cells = [f"<td style='{_CELL}color:#666'>{r}</td>", f"<td style='{_CELL}color:#666'>{self.seeds[r]}</td>",
+            cells = [f"<td style='{_CELL}color:#666'>{r}<br><span style='font-size:11px'>seed {self.seeds[r]}</span>"
+                     + (f"<br><span style='font-size:11px'>sample {self.sample_index[r]}</span>"
+                        if self.sample_index[r] else "") + "</td>",
                      f"<td style='{_PROSE}'>{self._html_tokens(fact, cf, d, _MARK['factual'])}</td>",
                      f"<td style='{_PROSE}'>{self._html_tokens(cf, fact, d, _MARK['counterfactual'])}</td>"]
             status = "identical" if d is None else f"step {d}"
@@ -611,10 +613,11 @@ class CounterfactualResult:
             for s in _STREAMS if s != "interventional" or has_inter)
         caption = (f"<caption style='caption-side:top;text-align:left;padding:4px 0 8px;color:#444'>"
                    f"<b>CounterfactualResult</b>: {n} row{'s' if n != 1 else ''}, mode={esc(self.mode)}; sampler: "
-                   f"{esc(self.sampler.describe())}<br><span style='font-size:12px'>Shared prefix plain; from the first "
-                   f"divergence each token is outlined, highlighted where it differs from the reference at the same "
-                   f"step (counterfactual and interventional vs factual, factual vs counterfactual): {legend}</span>"
-                   "</caption>")
+                   f"{esc(self.sampler.describe())}<br><span style='font-size:12px'>After the first divergence "
+                   f"(<span style='border-left:2px solid #888'></span>) each token is marked: {legend} a different "
+                   "token than the reference at the same step (factual vs counterfactual; counterfactual and "
+                   "interventional vs factual); <span style='border-bottom:1px dotted #999'>dotted</span> the same "
+                   "token. Hover a token for its step and id.</span></caption>")
         return ("<div style='text-align:left;font-family:system-ui,-apple-system,\"Segoe UI\",sans-serif;"
                 "font-size:13px;max-width:100%;overflow-x:auto'>"
                 "<table style='border-collapse:collapse;width:100%;table-layout:auto;margin:0;text-align:left'>"

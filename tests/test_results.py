@@ -7,6 +7,7 @@ import html.parser
 import io
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -372,24 +373,35 @@ def _chromium():
     return None
 
 
-def screenshot(page: str, out, width=1100, height=700):
+# JupyterLab's rules for rendered HTML tables (right-aligned, centred, fixed layout, striped rows).
+JUPYTER_CSS = """<style>
+.jp table {border-collapse:collapse;table-layout:fixed;margin-left:auto;margin-right:auto;font-size:12px}
+.jp td, .jp th {text-align:right;vertical-align:middle;padding:0.5em;line-height:normal;white-space:normal;border:none}
+.jp tbody tr:nth-child(odd) {background:#f5f5f5} .jp tbody tr:hover {background:rgba(66,165,245,0.2)}
+</style>"""
+
+
+def _browser(args, timeout=120):
     browser = _chromium()
     if browser is None:
         pytest.skip("no headless browser: install one (apt-get install chromium) to render the HTML view")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--no-first-run", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def screenshot(page: str, out, width=1100, height=700):
     src = out.with_suffix(".html")
-    src.write_text(f"<html><head><meta charset='utf-8'></head><body>{page}</body></html>", encoding="utf-8")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           f"--user-data-dir={out.parent / 'profile'}", f"--window-size={width},{height}",
-           f"--screenshot={out}", src.as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.exists(), f"{browser} wrote no screenshot: {proc.stderr[-2000:]}"
+    src.write_text(f"<html><head><meta charset='utf-8'>{JUPYTER_CSS}</head><body><div class='jp'>{page}</div>"
+                   "</body></html>", encoding="utf-8")
+    proc = _browser([f"--user-data-dir={out.parent / 'profile'}", f"--window-size={width},{height}",
+                     f"--screenshot={out}", src.as_uri()])
+    assert out.exists(), f"the browser wrote no screenshot: {proc.stderr[-2000:]}"
     return out
 
 
 def test_html_renders_in_a_headless_browser(tmp_path):
     r = make_result()
-    # Jupyter's stylesheet right-aligns cells: the view must survive it (inline styles win).
-    shot = screenshot("<style>td, th {text-align: right}</style>" + r.to_html(), tmp_path / "r.png")
+    shot = screenshot(r.to_html(), tmp_path / "r.png")
     assert shot.stat().st_size > 5_000
     Image = pytest.importorskip("PIL.Image")
     img = Image.open(shot).convert("RGB")
@@ -398,6 +410,26 @@ def test_html_renders_in_a_headless_browser(tmp_path):
     for stream in ("factual", "counterfactual", "interventional"):  # every highlight colour was painted
         rgb = tuple(int(cfgen.results._MARK[stream][k:k + 2], 16) for k in (1, 3, 5))
         assert rgb in colours, stream
+
+
+def test_html_is_left_aligned_under_jupyters_stylesheet(tmp_path):
+    # The browser computes each cell's style under Jupyter's rules; our test script (not the view) reports it.
+    probe = ("<script>window.onload = () => { const out = [...document.querySelectorAll('td, th')].map("
+             "c => getComputedStyle(c).textAlign); const t = document.querySelector('table');"
+             "document.body.setAttribute('data-align', [...new Set(out)].join(','));"
+             "document.body.setAttribute('data-cells', out.length);"
+             "document.body.setAttribute('data-margin', getComputedStyle(t).marginLeft); };</script>")
+    r = make_result()
+    src = tmp_path / "align.html"
+    src.write_text(f"<html><head><meta charset='utf-8'>{JUPYTER_CSS}{probe}</head><body><div class='jp'>"
+                   f"{r.to_html()}</div></body></html>", encoding="utf-8")
+    proc = _browser([f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,800",
+                     "--virtual-time-budget=2000", "--dump-dom", src.as_uri()])
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stderr[-2000:]
+    attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body.group(1)))
+    assert attrs.get("align") == "left", attrs  # every cell, none right-aligned or centred
+    assert int(attrs["cells"]) > 6 * 4 and attrs["margin"] == "0px"  # the table is not centred either
 
 
 # ------------------------------------------------------------- provenance --
@@ -508,3 +540,31 @@ def test_embedded_model_result_pickles_small_and_round_trips(default_model, tmp_
     parse(page)
     assert page.count("<details>") == 2 and "interventional</th>" in page
     assert all(t["interventional"] for t in r.to_records())
+
+
+# ------------------------------------------------------------------- docs --
+def test_docs_maths_is_served_from_the_built_site(tmp_path):
+    """docs/conf.py on a one-page site: MathJax comes from _static, no CDN (and typesets in a browser if one is here)."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if importlib.util.find_spec("sphinx-mathjax-offline") is None:
+        pytest.skip("sphinx-mathjax-offline is not installed (pip install -e '.[docs]')")
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "docs" / "conf.py", tmp_path / "conf.py")
+    (tmp_path / "index.md").write_text("# Maths\n\nInline $e^{i\\pi} + 1 = 0$ and\n\n$$\ny = \\arg\\max_v a_v\n$$\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "sphinx", "-q", "-b", "html", str(tmp_path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    srcs = re.findall(r"<script[^>]*src=\"([^\"]+)\"", page)
+    assert "_static/mathjax/tex-chtml.js" in srcs and not any(s.startswith(("http:", "https:", "//")) for s in srcs)
+    assert (tmp_path / "out" / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000
+    if _chromium() is not None:
+        dom = _browser([f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                        (tmp_path / "out" / "index.html").as_uri()]).stdout
+        assert dom.count("<mjx-container") == 2  # both formulas typeset, offline
