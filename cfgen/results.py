@@ -261,7 +261,14 @@ class CounterfactualResult:
 
     def _texts(self, name: str) -> Optional[list[str]]:
         seqs = getattr(self, f"{name}_ids")
-        return None if seqs is None else [self._text(t) for t in seqs]
+        if seqs is None:
+            return None
+        tok = self.tokenizer
+        todo = list({tuple(t): None for t in seqs if tuple(t) not in self._decoded})
+        if todo and tok is not None and hasattr(tok, "batch_decode"):  # one call: fast tokenizers decode in parallel
+            for key, text in zip(todo, tok.batch_decode([list(k) for k in todo], skip_special_tokens=False)):
+                self._decoded[key] = (text, None)
+        return [self._text(t) for t in seqs]
 
     @property
     def factual_texts(self) -> list[str]:
@@ -611,12 +618,12 @@ class CounterfactualResult:
         legend = " ".join(
             f"<span style='background:{_MARK[s]};color:#111;padding:0 4px;border-radius:2px'>{s}</span>"
             for s in _STREAMS if s != "interventional" or has_inter)
+        refs = "factual vs counterfactual; counterfactual" + (" and interventional" if has_inter else "") + " vs factual"
         caption = (f"<caption style='caption-side:top;text-align:left;padding:4px 0 8px;color:#444'>"
                    f"<b>CounterfactualResult</b>: {n} row{'s' if n != 1 else ''}, mode={esc(self.mode)}; sampler: "
                    f"{esc(self.sampler.describe())}<br><span style='font-size:12px'>After the first divergence "
                    f"(<span style='border-left:2px solid #888'></span>) each token is marked: {legend} a different "
-                   "token than the reference at the same step (factual vs counterfactual; counterfactual and "
-                   "interventional vs factual); <span style='border-bottom:1px dotted #999'>dotted</span> the same "
+                   f"token than the reference at the same step ({refs}); <span style='border-bottom:1px dotted #999'>dotted</span> the same "
                    "token. Hover a token for its step and id.</span></caption>")
         return ("<div style='text-align:left;font-family:system-ui,-apple-system,\"Segoe UI\",sans-serif;"
                 "font-size:13px;max-width:100%;overflow-x:auto'>"
