@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import math
 import platform
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -72,7 +73,7 @@ def jsonable(value: Any, *, _depth: int = 0) -> Any:
         return {"tensor": tensor_info(value)}
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dicts, and BatchEncoding (a UserDict)
         return {str(k): jsonable(v, _depth=_depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v, _depth=_depth + 1) for v in value]

@@ -198,9 +198,9 @@ class CounterfactualResult:
             prompt_index=[self.prompt_index[i] for i in idx],
             sample_index=[self.sample_index[i] for i in idx],
             finish_reasons={k: [v[i] for i in idx] for k, v in self.finish_reasons.items()},
-            settings=self.settings,
+            settings=dict(self.settings),
             tokenizer=self.tokenizer,
-            provenance=self.provenance,
+            provenance=dict(self.provenance),
         )
         out._decoded = self._decoded  # same ids, same tokenizer: the cache is shared
         return out

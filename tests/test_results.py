@@ -461,6 +461,11 @@ def test_jsonable_summarises_tensors_by_content():
     assert provenance.tensor_info(a.to(torch.bfloat16))["dtype"] == "bfloat16"
     assert provenance.jsonable([torch.tensor([[0, 1]]), (2, 3), float("nan")]) == [[[0, 1]], [2, 3], "nan"]
     json.dumps(provenance.jsonable({"obj": object(), "fn": len, "cls": int}))
+    import transformers
+
+    enc = transformers.BatchEncoding({"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3)})
+    assert provenance.jsonable({"sources": enc}) == {"sources": {"input_ids": [[5, 6, 7]], "attention_mask": {
+        "tensor": provenance.tensor_info(torch.ones(1, 3))}}}
 
 
 def test_intervention_info_records_pyvene_config_locations_and_tensors():
