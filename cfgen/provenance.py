@@ -220,6 +220,9 @@ def intervention_info(intervenable_or_pair, **pyvene_kwargs) -> dict[str, Any]:
 def processors_info(processors) -> list[dict[str, Any]]:
     """Each logits processor's class and public attributes (a ``LogitsProcessorList`` or any iterable).
 
+    A :class:`cfgen.processors.Processing` chain gives its stages in order, e.g.
+    ``[{"stage": "RepetitionPenaltyLogitsProcessor(penalty=1.3)"}, {"stage": "Sampler(...)"}]``.
+
     Example:
         >>> import transformers, cfgen.provenance as P
         >>> info = P.processors_info([transformers.RepetitionPenaltyLogitsProcessor(1.3)])[0]
@@ -228,6 +231,9 @@ def processors_info(processors) -> list[dict[str, Any]]:
     """
     if processors is None:
         return []
+    if callable(getattr(processors, "describe", None)) and hasattr(processors, "stages"):
+        # a cfgen.processors.Processing chain: its stages in order, as it names them
+        return [{"stage": name} for name in processors.describe()]
     out = []
     for p in processors:
         params = {k: jsonable(v) for k, v in sorted(vars(p).items()) if not k.startswith("_")} \

@@ -404,11 +404,15 @@ class CounterfactualResult:
             missing = [k for k in _REQUIRED if k not in rec]
             if missing:
                 raise ValueError(f"record {i} lacks {missing}: not a CounterfactualResult record (to_records)")
-            for key in ("sampler", "mode", "settings"):
-                if rec[key] != first[key]:
-                    raise ValueError(f"record {i} has another {key!r} than record 0: records of one result only")
-            if rec.get("provenance", {}) != first.get("provenance", {}):
-                raise ValueError(f"record {i} has another 'provenance' than record 0: records of one result only")
+            for key in ("sampler", "mode", "settings", "provenance"):
+                a, b = rec.get(key, {}), first.get(key, {})
+                if a != b:
+                    which = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) \
+                        if isinstance(a, dict) and isinstance(b, dict) else []
+                    raise ValueError(f"record {i} has another {key!r} than record 0"
+                                     + (f" (differs in {which})" if which else "")
+                                     + ": from_records reads the records of one result; result-level entries "
+                                     "must be equal in every record")
         streams = [s for s in _STREAMS if f"{s}_ids" in first]
         finish = [k[:-len("_finish")] for k in first if k.endswith("_finish")]
         for i, rec in enumerate(records):

@@ -156,7 +156,7 @@ def test_from_records_refuses_what_it_cannot_trust(tmp_path):
                                            for i, rec in enumerate(recs)])
     mixed = [dict(rec) for rec in recs]
     mixed[3]["sampler"] = {"temperature": 1.0, "top_k": None, "top_p": None}
-    with pytest.raises(ValueError, match="record 3 has another 'sampler'"):
+    with pytest.raises(ValueError, match=r"record 3 has another 'sampler' than record 0 \(differs in \['temperature', 'top_k'\]\)"):
         CounterfactualResult.from_records(mixed)
     edited = [dict(rec) for rec in recs]
     edited[1]["counterfactual_ids"] = list(edited[1]["factual_ids"])
@@ -510,6 +510,12 @@ def test_collect_is_json_and_rides_along_in_records(tmp_path):
     prov = provenance.collect(m, sampler=cfgen.Sampler(top_p=0.9), processors=procs, intervene_on="all")
     assert json.loads(json.dumps(prov)) == prov
     assert prov["processors"][0]["params"]["penalty"] == 1.3 and prov["sampler"]["top_p"] == 0.9
+    from cfgen.processors import build
+
+    _, chain, _ = build(temperature=0.7, repetition_penalty=1.3, min_p=0.05)
+    stages = provenance.processors_info(chain)
+    assert [s["stage"] for s in stages] == chain.describe() and len(stages) >= 2
+    assert any("RepetitionPenalty" in s["stage"] for s in stages)
     r = make_result()
     r.provenance = prov
     r.to_jsonl(tmp_path / "r.jsonl")
