@@ -174,8 +174,7 @@ def _read_existing(path: Path, settings: dict, prompts: list[str], observed: lis
         if not isinstance(cli, dict):
             raise _Usage(f"{where} records no cfgen run settings (written by other code or an older cfgen), so "
                          "it cannot be resumed safely: give another --out")
-        ours = {**settings, "observed": None}
-        theirs = {**cli, "observed": None}
+        ours, theirs = settings, cli
         if theirs != ours:
             diff = "; ".join(f"{_flag(k, theirs.get(k))} there, {_flag(k, ours.get(k))} now"
                              for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k))
@@ -184,7 +183,7 @@ def _read_existing(path: Path, settings: dict, prompts: list[str], observed: lis
         if not (isinstance(index, int) and 0 <= index < len(prompts) and prompts[index] == prompt):
             raise _Usage(f"--resume: {where} is for prompt {index} {prompt!r}, which is not prompt {index} of this "
                          "run; rerun with the same prompts (new ones may be added at the end) or give another --out")
-        if cli.get("observed") != (observed[index] if observed else None):
+        if rec.get("observed") != (observed[index] if observed else None):
             raise _Usage(f"--resume: {where} has another --observed text for prompt {index}")
         if not (isinstance(sample, int) and 0 <= sample < num_samples) or rec.get("seed") != seed + sample:
             raise _Usage(f"--resume: {where} is sample {sample!r} with seed {rec.get('seed')!r}, not one of this "
@@ -287,15 +286,6 @@ class _StopAfterBatch:
         print("cfgen run: stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
 
-def _show(result) -> None:
-    print(result)
-    inter = result.interventional_texts
-    if inter is not None:
-        print("    interventional baseline (same intervention, fresh noise):")
-        for row, text in enumerate(inter):
-            print(f"    [{row}] " + text.replace("\n", "\n        "))
-
-
 def run(args: argparse.Namespace) -> int:
     import cfgen
 
@@ -391,14 +381,15 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
                     for rec in r.to_records():
                         index = batch[rec["prompt_index"]]
                         rec["prompt"], rec["prompt_index"] = prompts[index], index
-                        rec["settings"] = {**rec.get("settings", {}),
-                                           "cli": {**settings, "observed": observed[index] if observed else None}}
+                        rec["settings"] = {**rec.get("settings", {}), "cli": settings}
+                        if observed:  # per prompt, so outside the settings every record of a run shares
+                            rec["observed"] = observed[index]
                         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
                     out.append(lines)
                     safe += len(lines)
                 written += len(r)
                 if not args.quiet:
-                    _show(r)
+                    print(r)  # factual, counterfactual and (with --interventional) interventional
                 if delay:
                     time.sleep(delay)
             interrupted = stop.requested

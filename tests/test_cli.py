@@ -177,9 +177,9 @@ def test_run_prints_interventional_text_and_takes_positions(setup, tmp_path, cap
     printed = capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 12 and [r["prompt_index"] for r in records] == [i // 2 for i in range(12)]
-    assert "interventional baseline (same intervention, fresh noise)" in printed
+    assert printed.count("    interventional: ") == 12  # one line per row, next to factual and counterfactual
     for rec in records:
-        assert rec["interventional"] in printed
+        assert rec["interventional"].replace("⟦", "").replace("⟧", "")
         assert rec["settings"]["intervene_on"] == [0, 2] and rec["settings"]["cli"]["intervene_on"] == [0, 2]
     assert not all(r["factual_ids"] == r["counterfactual_ids"] for r in records)  # the steering does something
     assert f"wrote 12 records to {out}" in printed
