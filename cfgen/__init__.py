@@ -43,6 +43,8 @@ _LAZY = {
     "rank_one_edit": "cfgen.edits",
     "save": "cfgen.persist",
     "load": "cfgen.persist",
+    "FormatError": "cfgen.persist",
+    "register_intervention": "cfgen.persist",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
