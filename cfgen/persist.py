@@ -401,6 +401,23 @@ def _attach_source(intervention: torch.nn.Module, state: dict[str, torch.Tensor]
         intervention.register_buffer("source_representation", torch.empty_like(state["source_representation"]))
 
 
+def _load_state(intervention: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` in, keeping the saved floating dtypes (a bf16 intervention stays bf16).
+
+    Copying (not assigning) keeps the rebuilt tensors' memory layout, which the orthogonal parametrisation's
+    numerics depend on: an assigned contiguous copy of a transposed parameter gives weights that differ in the last bit.
+    """
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = intervention.get_submodule(owner_name)
+        current = getattr(owner, attr)
+        if current.dtype != value.dtype:
+            fresh = torch.empty_like(current, dtype=value.dtype)
+            setattr(owner, attr, torch.nn.Parameter(fresh, current.requires_grad)
+                    if isinstance(current, torch.nn.Parameter) else fresh)
+    intervention.load_state_dict(state, strict=True)
+
+
 def _construct(cls: type, kwargs: dict[str, Any]) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # constructors may draw random inits; keep the caller's RNG untouched
         return cls(**kwargs)
@@ -479,9 +496,6 @@ def _plan(key: str, rep: Any, intervention: torch.nn.Module, fmt: str) -> dict[s
         if fields["hidden_source_representation"] is None:
             del kwargs["hidden_source_representation"]  # pyvene reads any non-None value as "constant source"
         kwargs["embed_dim"] = embed
-        for name in ("keep_last_dim", "use_fast"):
-            if isinstance(getattr(intervention, name, None), bool):
-                kwargs[name] = getattr(intervention, name)
         extra = getattr(intervention, "init_kwargs", None)  # what an intervention records of its own construction
         if isinstance(extra, dict):
             kwargs.update(extra)
@@ -496,17 +510,25 @@ def _plan(key: str, rep: Any, intervention: torch.nn.Module, fmt: str) -> dict[s
     dim = dim.tolist() if isinstance(dim, torch.Tensor) else dim
     # Rebuild it now, as load will, so that a folder that would not load is never written.
     if fmt == "cfgen":
-        dry = kwargs
+        rebuilt = _rebuild_for_save(key, cls, kwargs, state, dim)
+        for name in ("keep_last_dim", "use_fast"):  # only when the constructor does not already set it so
+            value = getattr(intervention, name, None)
+            if isinstance(value, bool) and getattr(rebuilt, name, None) != value and name not in kwargs:
+                kwargs[name] = value
+                rebuilt = _rebuild_for_save(key, cls, kwargs, state, dim)
     else:  # what pyvene's IntervenableModel passes to the class it names
         dry = {**rep._asdict(), **fields, "intervention": None, "intervention_type": cls,
                "source_representation": None, "embed_dim": embed, "use_fast": kwargs["use_fast"]}
-    try:
-        rebuilt = _construct(cls, dry)
-    except Exception as exc:
-        raise ValueError(f"cannot save intervention {key!r}: {cls.__qualname__}(**{kwargs}) fails ({exc})") from None
-    _attach_source(rebuilt, state)
+        rebuilt = _rebuild_for_save(key, cls, dry, state, dim)
     problem = _check_state(state, rebuilt)
-    for name in ("subspace_partition", "keep_last_dim", "is_source_constant"):
+    if fmt == "pyvene" and problem is None and not (isinstance(intervention, pv.TrainableIntervention) or constant):
+        # pyvene's save writes no tensors for this one: its state must be what the constructor makes anyway.
+        fresh = rebuilt.state_dict()
+        changed = sorted(k for k, v in state.items() if not torch.equal(v, fresh[k].cpu()))
+        if changed:
+            problem = f"pyvene's format stores no tensors for a non-trainable intervention, and {changed} differ " \
+                      "from a freshly built one"
+    for name in ("subspace_partition", "keep_last_dim", "use_fast"):
         if problem is None and getattr(rebuilt, name, None) != getattr(intervention, name, None):
             problem = (f"its {name} ({getattr(intervention, name, None)!r}) would be rebuilt as "
                        f"{getattr(rebuilt, name, None)!r}")
@@ -517,6 +539,22 @@ def _plan(key: str, rep: Any, intervention: torch.nn.Module, fmt: str) -> dict[s
     return {"key": key, "class": path, "cls": cls, "representation": fields, "init_kwargs": kwargs,
             "interchange_dim": dim, "is_source_constant": bool(getattr(intervention, "is_source_constant", False)),
             "state": state, "constant": constant}
+
+
+def _rebuild_for_save(key: str, cls: type, kwargs: dict[str, Any], state: dict[str, torch.Tensor], dim: Any):
+    try:
+        rebuilt = _construct(cls, kwargs)
+    except Exception as exc:
+        raise ValueError(f"cannot save intervention {key!r}: {cls.__qualname__}(**{kwargs}) fails ({exc})") from None
+    _finish(rebuilt, state, dim)
+    return rebuilt
+
+
+def _finish(intervention: torch.nn.Module, state: dict[str, torch.Tensor], dim: Any) -> None:
+    """What a rebuilt intervention gets before its state is compared: the interchange dim and a source buffer."""
+    if dim is not None:
+        intervention.set_interchange_dim(dim)
+    _attach_source(intervention, state)
 
 
 def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
@@ -611,8 +649,8 @@ def save(
 
         def write(tmp: Path) -> None:
             for p, iv in zip(plans, intervenable.interventions.values()):
-                # pyvene's loader reads a file for trainable or constant-source interventions only.
-                if isinstance(iv, trainable) or p["constant"] or p["is_source_constant"]:
+                # the files pyvene's own save writes: trainable interventions and stored source vectors
+                if isinstance(iv, trainable) or p["constant"]:
                     _write_state(tmp / f"intkey_{p['key']}.bin", p["state"], format)
             config.to_json_file(str(tmp / PYVENE_CONFIG), use_diff=True)
 
@@ -728,7 +766,7 @@ def _load_cfgen(folder: Path, model: torch.nn.Module, device: torch.device, allo
             intervention = _construct(cls, entry["init_kwargs"])
         except Exception as exc:
             raise bad(where, f"{cls.__qualname__}(**init_kwargs) failed: {type(exc).__name__}: {exc}") from None
-        _attach_source(intervention, state)
+        _finish(intervention, state, entry["interchange_dim"])
         problem = _check_state(state, intervention)
         if problem:
             raise FormatError(folder, entry["state_file"], where, problem)
@@ -741,7 +779,7 @@ def _load_cfgen(folder: Path, model: torch.nn.Module, device: torch.device, allo
         raise bad(None, f"intervention keys differ after rebuild: saved {keys}, rebuilt {rebuilt}")
     for entry, state, key in zip(entries, states, keys):
         intervention = intervenable.interventions[key]
-        intervention.load_state_dict(state, strict=True, assign=True)  # assign keeps the saved dtypes exactly
+        _load_state(intervention, state)
         if entry["interchange_dim"] is not None:
             intervention.set_interchange_dim(entry["interchange_dim"])
         intervention.is_source_constant = entry["is_source_constant"]
@@ -824,18 +862,6 @@ def _load_pyvene(folder: Path, model: torch.nn.Module, device: torch.device, all
     for i, key in enumerate(keys):
         where = f"intervention {key!r}"
         intervention = intervenable.interventions[key]
-        name = f"intkey_{key}.bin"
-        needs = isinstance(intervention, pv.TrainableIntervention) or bool(representations[i].hidden_source_representation)
-        if not (folder / name).exists():
-            if needs:
-                raise FormatError(folder, name, where, "the state file is missing")
-        else:
-            state = _read_state(folder, name, where, device)
-            _attach_source(intervention, state)
-            problem = _check_state(state, intervention)
-            if problem:
-                raise FormatError(folder, name, where, problem)
-            intervention.load_state_dict(state, strict=True, assign=True)
         dim = dims[i]
         if dim is None:  # pyvene's rule for configs written before it recorded dimensions
             cfg = getattr(model, "config", None)
@@ -843,8 +869,21 @@ def _load_pyvene(folder: Path, model: torch.nn.Module, device: torch.device, all
                 dim = cfg.hidden_size // (cfg.num_attention_heads if representations[i].component.startswith("head_")
                                           else 1)
             except (AttributeError, TypeError, ZeroDivisionError):
-                raise bad(f"intervention_dimensions[{i}]", "null, and the model has no hidden_size to infer it from") from None
-        intervention.set_interchange_dim(dim)
+                raise bad(f"intervention_dimensions[{i}]",
+                          "null, and the model has no hidden_size to infer it from") from None
+        name = f"intkey_{key}.bin"
+        needs = isinstance(intervention, pv.TrainableIntervention) or bool(representations[i].hidden_source_representation)
+        if not ((folder / name).exists() or (folder / name).is_symlink()):
+            if needs:
+                raise FormatError(folder, name, where, "the state file is missing")
+            intervention.set_interchange_dim(dim)
+        else:
+            state = _read_state(folder, name, where, device)
+            _finish(intervention, state, dim)
+            problem = _check_state(state, intervention)
+            if problem:
+                raise FormatError(folder, name, where, problem)
+            _load_state(intervention, state)
         intervention.is_source_constant = constants[i]
         intervention.to(device)
     return intervenable
