@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +306,211 @@ def test_every_type_round_trips_through_pyvene_format(tmp_path, name, how):
         with contextlib.redirect_stdout(io.StringIO()):
             iv.save(str(tmp_path / "theirs"))
         _assert_same(iv, persist.load(tmp_path / "theirs", model), name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The shipped catalogue (format 1, torch-saved .bin files) keeps loading to bit-identical tensors.
+
+CATALOGUE = Path(__file__).resolve().parents[1] / "interventions"
+CATALOGUE_FOLDERS = ["patch_landmark_city/intervention", "steering_dark/intervention", "ravel_country/das",
+                     "ravel_country/mdas"]
+
+
+def test_catalogue_folders_load_bit_identical():
+    import transformers
+
+    folders = [CATALOGUE / f for f in CATALOGUE_FOLDERS if (CATALOGUE / f / persist.MANIFEST).is_file()]
+    if not folders:
+        pytest.skip("no catalogue folders in this checkout")
+    # The embedded model's shape (d=576, 25+ layers) with a tiny vocabulary: only the sites matter here.
+    cfg = transformers.LlamaConfig(vocab_size=8, hidden_size=576, intermediate_size=8, num_hidden_layers=25,
+                                   num_attention_heads=9, num_key_value_heads=3)
+    with torch.random.fork_rng(devices=[]):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    for folder in folders:
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        manifest = json.loads((folder / persist.MANIFEST).read_text())
+        assert manifest["format"] == 1
+        loaded = persist.load(folder, model)
+        for entry in manifest["interventions"]:
+            saved = torch.load(folder / entry["state_file"], weights_only=True)
+            got = loaded.interventions[entry["key"]].state_dict()
+            assert list(saved) == list(got), folder
+            for k, v in saved.items():
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), (folder, k)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # loading never writes
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Atomic saves.
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _steer(model, value):
+    import pyvene as pv
+
+    vector = torch.full((D,), float(value))
+    return pv.IntervenableModel({"layer": 1, "component": "block_output",
+                                 "intervention": pv.AdditionIntervention(embed_dim=D, source_representation=vector)},
+                                model)
+
+
+def test_failed_resave_keeps_the_old_folder(tmp_path, monkeypatch):
+    import pyvene as pv
+
+    from .conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    folder = tmp_path / "iv"
+    persist.save(_steer(model, 1.0), folder)
+    old = _snapshot(folder)
+
+    class Local(pv.AdditionIntervention):  # not importable by name: refused before anything is written
+        pass
+
+    bad = pv.IntervenableModel({"layer": 1, "component": "block_output",
+                                "intervention": Local(embed_dim=D, source_representation=torch.zeros(D))}, model)
+    with pytest.raises(ValueError, match="top level of an importable module"):
+        persist.save(bad, folder)
+    assert _snapshot(folder) == old and sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
+
+    calls = []
+    real = persist._write_state
+
+    def failing(path, state, fmt):  # the disk fills up after the first tensor file
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, state, fmt)
+
+    monkeypatch.setattr(persist, "_write_state", failing)
+    two_sites = pv.IntervenableModel([
+        {"layer": 0, "component": "block_output",
+         "intervention": pv.AdditionIntervention(embed_dim=D, source_representation=torch.full((D,), 2.0))},
+        {"layer": 1, "component": "block_output",
+         "intervention": pv.AdditionIntervention(embed_dim=D, source_representation=torch.full((D,), 3.0))},
+    ], model)
+    with pytest.raises(OSError, match="No space left"):
+        persist.save(two_sites, folder)
+    assert len(calls) == 2
+    assert _snapshot(folder) == old and sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
+    loaded = persist.load(folder, model)
+    assert torch.equal(next(iter(loaded.interventions.values())).source_representation, torch.full((D,), 1.0))
+
+    def interrupted(path, state, fmt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persist, "_write_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        persist.save(two_sites, folder)
+    assert _snapshot(folder) == old and sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
+
+    monkeypatch.setattr(persist, "_write_state", real)
+    persist.save(_steer(model, 4.0), folder)  # a good re-save replaces the folder: no stale files remain
+    assert len(_snapshot(folder)) == 2 and _snapshot(folder) != old
+    assert (folder.stat().st_mode & 0o777) == ((tmp_path / "iv").stat().st_mode & 0o777)
+
+
+def test_save_refuses_a_folder_with_other_files(tmp_path):
+    from .conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes.txt.*replaces the whole folder"):
+        persist.save(_steer(model, 1.0), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(ValueError, match="format must be"):
+        persist.save(_steer(model, 1.0), tmp_path / "x", format="pickle")
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Same counterfactual tokens after a round trip, both formats.
+
+TOK_PROMPTS = ["hello there", "hi", "a much longer prompt here"]
+
+
+@pytest.mark.parametrize("name,how", [("addition", "instance"), ("subtraction", "instance"),
+                                       ("rotated", "config")])
+def test_generate_gives_the_same_tokens_after_round_trips(tmp_path, name, how):
+    import cfgen
+
+    from .conftest import CharTokenizer, tiny_gpt2
+
+    tok = CharTokenizer()
+    model = tiny_gpt2(init=0.3)
+    iv = _build(model, name, how)
+    kw = dict(max_new_tokens=8, sampler=cfgen.Sampler(temperature=0.8), seed=3, eos_token_id=[])
+    if name == "rotated":
+        kw.update(sources=["zzzzzzzz", "qq", "the source text"], unit_locations={"sources->base": (1, 1)})
+    want = cfgen.generate(iv, tok, TOK_PROMPTS, **kw)
+    assert want.counterfactual_ids != want.factual_ids  # the intervention does something, so equality means something
+    for fmt in ("cfgen", "pyvene"):
+        persist.save(iv, tmp_path / fmt, format=fmt)
+        got = cfgen.generate(persist.load(tmp_path / fmt, model), tok, TOK_PROMPTS, **kw)
+        assert got.counterfactual_ids == want.counterfactual_ids and got.factual_ids == want.factual_ids, fmt
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Both formats, both directions, in a fresh CPU-only process.
+
+CHILD_BOTH_WAYS = textwrap.dedent(
+    """
+    import contextlib, io, sys, torch
+    torch.set_num_threads(1)
+    import pyvene as pv
+    from cfgen import persist
+    from tests.conftest import tiny_gpt2
+    from tests.test_persist import _build, _outputs
+    root = sys.argv[1]
+    model = tiny_gpt2()
+    out = {}
+    for name in sys.argv[2].split(","):
+        for fmt in ("cfgen", "pyvene", "pyvene_own"):
+            out[name + "/" + fmt] = _outputs(persist.load(f"{root}/parent/{name}/{fmt}", model))
+        with torch.random.fork_rng(devices=[]):
+            theirs = pv.IntervenableModel.load(f"{root}/parent/{name}/pyvene", model)
+        out[name + "/pyvene_load"] = _outputs(theirs)
+        iv = _build(model, name, "config")
+        persist.save(iv, f"{root}/child/{name}/cfgen")
+        persist.save(iv, f"{root}/child/{name}/pyvene", format="pyvene")
+        out[name + "/child"] = _outputs(iv)
+    torch.save(out, root + "/child_outputs.pt")
+    print("child ok", torch.cuda.is_available())
+    """
+)
+
+
+def test_both_formats_round_trip_in_a_fresh_process(tmp_path):
+    import contextlib
+    import io
+
+    from .conftest import tiny_gpt2
+
+    names = ["rotated", "low_rank", "autoencoder", "sigmoid_mask"]
+    model = tiny_gpt2()
+    expected = {}
+    for name in names:
+        iv = _build(model, name, "config")
+        expected[name] = _outputs(iv)
+        persist.save(iv, tmp_path / "parent" / name / "cfgen")
+        persist.save(iv, tmp_path / "parent" / name / "pyvene", format="pyvene")
+        with contextlib.redirect_stdout(io.StringIO()):
+            iv.save(str(tmp_path / "parent" / name / "pyvene_own"))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", CHILD_BOTH_WAYS, str(tmp_path), ",".join(names)], cwd=root,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["child", "ok", "False"]
+    got = torch.load(tmp_path / "child_outputs.pt", weights_only=True)
+    for name in names:
+        for fmt in ("cfgen", "pyvene", "pyvene_own", "pyvene_load"):
+            assert all(torch.equal(a, b) for a, b in zip(got[f"{name}/{fmt}"], expected[name])), (name, fmt)
+        # and the child's saves, read back here
+        for fmt in ("cfgen", "pyvene"):
+            loaded = _outputs(persist.load(tmp_path / "child" / name / fmt, model))
+            assert all(torch.equal(a, b) for a, b in zip(loaded, got[f"{name}/child"])), (name, fmt)
