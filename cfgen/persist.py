@@ -334,10 +334,10 @@ def _representation_problem(rep: Any) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- files and tensors
 
 
-def _inside(folder: Path, name: Any, entry: Optional[str], shown: Path) -> Path:
+def _inside(folder: Path, name: Any, entry: Optional[str], shown: Path, named_in: Optional[str] = None) -> Path:
     """``folder/name`` if it is a plain file name of a regular file whose real path lies inside ``folder``."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise FormatError(shown, None, entry, f"file name {name!r} is not a plain file name inside the folder")
+        raise FormatError(shown, named_in, entry, f"file name {name!r} is not a plain file name inside the folder")
     path = folder / name
     try:
         real, root = path.resolve(strict=True), folder.resolve(strict=True)
@@ -390,6 +390,14 @@ def _check_state(state: dict[str, torch.Tensor], intervention: torch.nn.Module) 
             return f"tensor {k!r} has shape {list(got.shape)}, the rebuilt intervention needs {list(want.shape)}"
         if not _same_kind(got.dtype, want.dtype):
             return f"tensor {k!r} has dtype {got.dtype}, the rebuilt intervention needs {want.dtype}"
+    source = state.get("source_representation")
+    if source is not None:  # its buffer is made from the file, so check it against the site's size instead
+        embed = getattr(intervention, "embed_dim", None)
+        if not source.is_floating_point():
+            return f"tensor 'source_representation' has dtype {source.dtype}, a floating dtype is needed"
+        if isinstance(embed, torch.Tensor) and (source.dim() == 0 or source.shape[-1] != int(embed)):
+            return (f"tensor 'source_representation' has shape {list(source.shape)}, its last dimension must be the "
+                    f"intervention's embed_dim {int(embed)}")
     return None
 
 
@@ -398,6 +406,8 @@ def _attach_source(intervention: torch.nn.Module, state: dict[str, torch.Tensor]
     if "source_representation" in state and not isinstance(
         getattr(intervention, "source_representation", None), torch.Tensor
     ):
+        if hasattr(intervention, "source_representation"):  # a plain ``None`` attribute blocks register_buffer
+            delattr(intervention, "source_representation")
         intervention.register_buffer("source_representation", torch.empty_like(state["source_representation"]))
 
 
@@ -714,7 +724,7 @@ def _load_cfgen(folder: Path, model: torch.nn.Module, device: torch.device, allo
     unknown = sorted(set(manifest) - _MANIFEST_KEYS)
     if unknown:
         raise bad(None, f"unknown top-level key(s) {unknown}")
-    if manifest.get("format") not in _FORMATS:
+    if not _is_int(manifest.get("format")) or manifest["format"] not in _FORMATS:  # true == 1 in Python
         raise bad(None, f"unsupported format {manifest.get('format')!r} (this cfgen reads {list(_FORMATS)})")
     mode = manifest.get("mode", "parallel")
     if mode not in ("parallel", "serial"):
@@ -753,7 +763,7 @@ def _load_cfgen(folder: Path, model: torch.nn.Module, device: torch.device, allo
         suffix = ".bin" if manifest["format"] == 1 else ".safetensors"
         if not (isinstance(entry["state_file"], str) and entry["state_file"].endswith(suffix)):
             raise bad(where, f"'state_file' must be a {suffix} file name for format {manifest['format']}")
-        _inside(folder, entry["state_file"], where, folder)
+        _inside(folder, entry["state_file"], where, folder, MANIFEST)
     keys = [e["key"] for e in entries]
     if len(set(keys)) != len(keys):
         raise bad(None, f"duplicate intervention keys {sorted({k for k in keys if keys.count(k) > 1})}")
