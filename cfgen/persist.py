@@ -686,7 +686,7 @@ def save(
                 _write_state(tmp / entry["state_file"], p["state"], format)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    _replace_folder(folder, write)
+    _replace_folder(Path(os.path.abspath(folder)), write)  # abspath: "." and "a/.." name a real folder to swap
     return folder
 
 
