@@ -576,6 +576,9 @@ def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
     if folder.exists():
         foreign = sorted(p.name for p in folder.iterdir()
                          if p.name not in (MANIFEST, PYVENE_CONFIG) and not p.name.startswith("intkey_"))
+        config = folder / PYVENE_CONFIG
+        if config.is_file() and not (folder / MANIFEST).exists() and b'"intervention_types"' not in config.read_bytes():
+            foreign.append(PYVENE_CONFIG)  # a model's config.json, not pyvene's intervention config
         if foreign:
             raise ValueError(f"{folder} holds files that are not part of a saved intervention ({foreign[:5]}): "
                              "saving replaces the whole folder; move them or save elsewhere")

@@ -421,6 +421,16 @@ def test_save_refuses_a_folder_with_other_files(tmp_path):
     with pytest.raises(ValueError, match=r"notes.txt.*replaces the whole folder"):
         persist.save(_steer(model, 1.0), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # a model folder's config, not an intervention's
+    with pytest.raises(ValueError, match=r"\['config.json'\].*replaces the whole folder"):
+        persist.save(_steer(model, 1.0), tmp_path)
+    assert (tmp_path / "config.json").read_text() == '{"model_type": "gpt2"}'
+    (tmp_path / "config.json").unlink()
+    persist.save(_steer(model, 1.0), tmp_path, format="pyvene")
+    assert b"intervention_types" in (tmp_path / "config.json").read_bytes()
+    persist.save(_steer(model, 1.0), tmp_path)  # and re-saved in cfgen's format
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
     with pytest.raises(ValueError, match="format must be"):
         persist.save(_steer(model, 1.0), tmp_path / "x", format="pickle")
     assert not (tmp_path / "x").exists()

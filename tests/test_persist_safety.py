@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def _refused(folder, *patterns, file=persist.MANIFEST):
         cfgen.load(folder, model())
     err = info.value
     assert isinstance(err, ValueError)
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)  # survives multiprocessing / pytest-xdist
     assert str(folder) in str(err) and (file is None or err.file == file), str(err)
     for pattern in patterns:
         assert pattern in str(err), (pattern, str(err))
