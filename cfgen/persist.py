@@ -455,7 +455,7 @@ def _compress_partition(expanded: list[list[int]]) -> list[list[int]]:
     out = []
     for sub in expanded:
         sub = [int(i) for i in sub]
-        if sub == list(range(sub[0], sub[0] + len(sub))):
+        if sub and sub == list(range(sub[0], sub[0] + len(sub))):
             out.append([sub[0], sub[0] + len(sub)])
         else:
             out.append(sub)  # a 2-element non-range would be re-expanded: caught by the rebuild comparison
