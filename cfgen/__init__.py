@@ -22,6 +22,8 @@ _LAZY = {
     "CounterfactualResult": "cfgen.results",
     "CounterfactualSampling": "cfgen.intervention",
     "sampling_site": "cfgen.intervention",
+    "FormatError": "cfgen.persist",
+    "register_intervention": "cfgen.persist",
     "metrics": "cfgen.metrics",
     "ScopeResult": "cfgen.scopes",
     "DivergenceAttribution": "cfgen.scopes",
@@ -43,8 +45,6 @@ _LAZY = {
     "rank_one_edit": "cfgen.edits",
     "save": "cfgen.persist",
     "load": "cfgen.persist",
-    "FormatError": "cfgen.persist",
-    "register_intervention": "cfgen.persist",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
