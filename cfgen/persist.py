@@ -36,6 +36,7 @@ True
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
@@ -593,7 +594,9 @@ def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
         mode = probe.stat().st_mode & 0o777
         probe.unlink()
         os.chmod(tmp, mode | (mode & 0o444) >> 2)  # mkdtemp makes 0700; give the folder the umask's usual mode
-        if folder.exists():
+        if folder.exists() and _exchange(tmp, folder):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        elif folder.exists():  # no atomic exchange here: two renames, the old folder restored on failure
             old = parent / f".{folder.name}.{uuid.uuid4().hex}.old"
             os.rename(folder, old)
             try:
@@ -607,6 +610,31 @@ def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available.
+
+    Readers then see the old folder or the new one, never no folder. Python's os module has no binding for it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or filesystem without it: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _write_state(path: Path, state: dict[str, torch.Tensor], fmt: str) -> None:

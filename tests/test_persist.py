@@ -408,8 +408,19 @@ def test_failed_resave_keeps_the_old_folder(tmp_path, monkeypatch):
     assert _snapshot(folder) == old and sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
 
     monkeypatch.setattr(persist, "_write_state", real)
+    swaps = []
+    real_exchange = persist._exchange
+    monkeypatch.setattr(persist, "_exchange", lambda a, b: swaps.append(real_exchange(a, b)) or swaps[-1])
     persist.save(_steer(model, 4.0), folder)  # a good re-save replaces the folder: no stale files remain
     assert len(_snapshot(folder)) == 2 and _snapshot(folder) != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
+    if sys.platform.startswith("linux"):
+        assert swaps == [True]  # one atomic exchange: readers never see the folder missing
+    monkeypatch.setattr(persist, "_exchange", lambda a, b: False)  # where there is none: two renames
+    persist.save(_steer(model, 5.0), folder)
+    assert torch.equal(next(iter(persist.load(folder, model).interventions.values())).source_representation,
+                       torch.full((D,), 5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iv"]
     assert (folder.stat().st_mode & 0o777) == ((tmp_path / "iv").stat().st_mode & 0o777)
 
 
