@@ -22,6 +22,8 @@ _LAZY = {
     "CounterfactualResult": "cfgen.results",
     "CounterfactualSampling": "cfgen.intervention",
     "sampling_site": "cfgen.intervention",
+    "FormatError": "cfgen.persist",
+    "register_intervention": "cfgen.persist",
     "metrics": "cfgen.metrics",
     "ScopeResult": "cfgen.scopes",
     "DivergenceAttribution": "cfgen.scopes",
