@@ -43,6 +43,7 @@ _LAZY = {
     "rank_one_edit": "cfgen.edits",
     "save": "cfgen.persist",
     "load": "cfgen.persist",
+    "catalogue": "cfgen.catalogue",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]
