@@ -44,6 +44,7 @@ _LAZY = {
     "save": "cfgen.persist",
     "load": "cfgen.persist",
     "catalogue": "cfgen.catalogue",
+    "processors": "cfgen.processors",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]

@@ -1,8 +1,9 @@
 """Build, check and call the fused C kernels in ``_native.c`` (CPU only).
 
 The library is compiled once per source / compiler / flags into
-``$CFGEN_CACHE_DIR/native`` (written to a temporary name, then renamed) and
-loaded with ctypes, whose calls release the GIL, so row blocks run on
+``$CFGEN_CACHE_DIR/native`` (written to a temporary name, then renamed, with
+its SHA-256 recorded beside it; a file that does not match its record is
+rebuilt, never loaded) and loaded with ctypes, whose calls release the GIL, so row blocks run on
 ``torch.get_num_threads()`` threads. Before first use its output is compared
 with the eager torch code bit for bit; any failure (no C compiler, an exotic
 platform, a mismatch) falls back to the eager path with one warning.
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,27 +61,89 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def _build() -> ctypes.CDLL:
+def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
-    source = _SOURCE.read_bytes()
-    flags = _flags()
+    return cc
+
+
+def _target(cc: str) -> Path:
+    """The cache path for this kernel source, compiler identity, flags and machine (they key its name)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(source + repr((flags, version, platform.machine())).encode()).hexdigest()[:16]
-    target = cache_root() / "native" / f"cfgen_native_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((_flags(), version, platform.machine())).encode())
+    return cache_root() / "native" / f"cfgen_native_{key.hexdigest()[:16]}.so"
+
+
+def _digest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is exactly the library cfgen built there (its SHA-256 matches the record beside it).
+
+    A truncated, half-written, foreign or planted file fails this and is never dlopen'ed (loading runs its
+    constructors; mapping a truncated one dies with SIGBUS). This guards against accidents and stray files,
+    not against someone who can write both files in the user's cache.
+    """
+    try:
+        expected = _digest_path(target).read_text(encoding="ascii").strip()
+        actual = hashlib.sha256(target.read_bytes()).hexdigest()
+    except OSError:
+        return False
+    return len(expected) == 64 and expected == actual
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _remove_stale_temps(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Delete temporary files of builds that were killed (a build takes seconds; these are an hour old)."""
+    now = time.time()
+    for entry in folder.glob("cfgen_native_*.tmp"):
         try:
-            run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[:2000]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if now - entry.stat().st_mtime > older_than_s:
+                entry.unlink()
+        except OSError:
+            pass
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Compile into a temporary file, record its hash, then rename both into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *_flags(), "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[:2000]}")
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        # Digest first: a reader between the two renames sees a mismatch and rebuilds, never a wrong match.
+        _write_atomically(_digest_path(target), digest.encode("ascii") + b"\n")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    target = _target(cc)
+    if not _verified(target):
+        _compile(cc, target)
+        if not _verified(target):  # e.g. a concurrent writer, or a file system that does not keep what it is given
+            raise RuntimeError(f"{target} does not match the hash recorded beside it after rebuilding")
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.cfgen_gumbel.argtypes = [ptr, ptr, i64, i64, ptr]

@@ -29,7 +29,6 @@ Example (takes about a minute on two CPU cores; ``cfgen demo`` does the same):
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import html
 import textwrap
@@ -42,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results import CounterfactualResult
 
 __all__ = ["run", "Section", "STORY", "OBSERVED", "STEERING_SCALE", "TEMPERATURE", "chat_prompt", "scale_steering",
-           "marked_spans", "changed_share", "format_section", "report_html", "add_arguments"]
+           "marked_spans", "changed_share", "format_section", "report_html"]
 
 STORY = "Write a short story about a lighthouse keeper."
 OBSERVED = " Paris, France. It was built in 1889 as the entrance to the World's Fair."
@@ -376,21 +375,3 @@ def run(
         path.write_text(report_html(sections, tok), encoding="utf-8")
         echo(f"\nHTML report: {path.resolve()}")
     return sections
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``cfgen demo`` flags (defaults shown by ``--help``)."""
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="sampling temperature; 0 means greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: no cut)")
-    parser.add_argument("--seed", type=int, default=3, help="first seed; sample j uses seed + j")
-    parser.add_argument("--prompt", default=STORY, help="the steering section's request (chat template applied)")
-    parser.add_argument("--observed", default=OBSERVED,
-                        help="continuation of the landmark prompt taken in hindsight")
-    parser.add_argument("--intervention", default="steering_dark",
-                        help="the steering section's intervention: a catalogue name or a folder written by cfgen.save")
-    parser.add_argument("--steering-scale", type=float, default=STEERING_SCALE,
-                        help="multiplies the steering vector (chosen by a sweep; 1 = as saved)")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="new tokens of the steering section")
-    parser.add_argument("--num-samples", type=int, default=3, help="seeds per section and posterior draws")
-    parser.add_argument("--out", default="cfgen_report.html", help="where the HTML report goes")

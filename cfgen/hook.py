@@ -29,8 +29,13 @@ class SamplerHook(LogitsProcessor):
         noise: optional ``step -> Tensor[B, V]`` overriding the prior noise (e.g.
             posterior noise for hindsight replay).
 
-    The hook re-arms itself when a new ``generate`` call starts (shorter input).
-    ``steps_seen`` records the steps it was called at.
+    The hook re-arms itself (steps count from 0 again) whenever the ``input_ids`` it
+    sees are not the previous call's ``input_ids`` plus one token per row: a new
+    ``generate`` call with a longer, shorter or different prompt, or another batch
+    size. A ``generate`` call that continues exactly from the previous call's output
+    therefore continues the steps, and draws what one longer call would have drawn;
+    call :meth:`reset` to start from step 0 anyway. ``steps_seen`` records the steps
+    since the last re-arm.
 
     Example:
         >>> import cfgen, transformers, torch
@@ -54,14 +59,29 @@ class SamplerHook(LogitsProcessor):
         self.seeds = seeds
         self.noise = noise
         self._prompt_length: Optional[int] = None
-        self._last_length = -1
+        self._last_ids: Optional[torch.Tensor] = None
         self.steps_seen: list[int] = []
+
+    def reset(self) -> None:
+        """Start counting steps from 0 at the next call."""
+        self._prompt_length, self._last_ids, self.steps_seen = None, None, []
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        # Within one generate call each call sees the previous input_ids plus one token per row;
+        # anything else (length alone is ambiguous: a new prompt can be one token longer) starts anew.
+        last = self._last_ids
+        return (
+            last is not None
+            and input_ids.shape[0] == last.shape[0]
+            and input_ids.shape[1] == last.shape[1] + 1
+            and torch.equal(input_ids[:, :-1], last.to(input_ids.device))
+        )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
-        if self._prompt_length is None or length <= self._last_length:
+        if self._prompt_length is None or not self._continues(input_ids):
             self._prompt_length, self.steps_seen = length, []
-        self._last_length = length
+        self._last_ids = input_ids.detach().clone()
         step = length - self._prompt_length
         self.steps_seen.append(step)
         if self.noise is not None:

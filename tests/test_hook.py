@@ -75,3 +75,47 @@ def test_hook_rejects_wrong_number_of_seeds():
     hook = SamplerHook(cfgen.Sampler(), seeds=torch.arange(3))
     with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
         hook(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 10))
+
+
+def _gen(model, hook, ids, n=4):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          logits_processor=[hook], pad_token_id=0, eos_token_id=None)
+
+
+@pytest.mark.parametrize("second", [[4, 5, 6, 7, 8, 9, 10, 11], [9], [3, 1, 4, 1, 5, 9, 2]],
+                         ids=["longer", "shorter", "one-longer-than-last-input"])
+def test_reused_hook_rearms_for_any_new_prompt(second):
+    """A reused hook draws what a fresh hook draws, whatever the second prompt's length.
+
+    The third case is the one a length rule misses: the first call's last input had 3 + 3 = 6 tokens,
+    the second prompt has 7.
+    """
+    model = tiny_gpt2(vocab_size=16)
+    hook = SamplerHook(cfgen.Sampler(), seeds=torch.tensor([5, 6]))
+    _gen(model, hook, torch.tensor([[1, 2, 3], [3, 2, 1]]))
+    ids = torch.tensor([second, second[::-1]])
+    again = _gen(model, hook, ids)
+    fresh_hook = SamplerHook(cfgen.Sampler(), seeds=torch.tensor([5, 6]))
+    assert torch.equal(again, _gen(model, fresh_hook, ids))
+    assert hook.steps_seen == fresh_hook.steps_seen == [0, 1, 2, 3]
+
+
+def test_reused_hook_rearms_for_another_batch_size():
+    model = tiny_gpt2(vocab_size=16)
+    hook = SamplerHook(cfgen.Sampler(), seeds=3)
+    _gen(model, hook, torch.tensor([[1, 2, 3]]))
+    ids = torch.tensor([[1, 2, 3, 4]] * 2)  # one token longer than the last input, but two rows
+    assert torch.equal(_gen(model, hook, ids), _gen(model, SamplerHook(cfgen.Sampler(), seeds=3), ids))
+
+
+def test_continuing_from_the_output_equals_one_longer_call_and_reset_restarts():
+    model = tiny_gpt2(vocab_size=16)
+    ids = torch.tensor([[1, 2, 3]])
+    hook = SamplerHook(cfgen.Sampler(), seeds=9)
+    first = _gen(model, hook, ids, n=3)
+    both = _gen(model, hook, first, n=3)
+    assert hook.steps_seen == [0, 1, 2, 3, 4, 5]  # one run of steps, as in one longer call
+    assert torch.equal(both, _gen(model, SamplerHook(cfgen.Sampler(), seeds=9), ids, n=6))
+    hook.reset()
+    assert torch.equal(_gen(model, hook, first, n=3), _gen(model, SamplerHook(cfgen.Sampler(), seeds=9), first, n=3))
+    assert hook.steps_seen == [0, 1, 2]
