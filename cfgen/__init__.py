@@ -45,6 +45,7 @@ _LAZY = {
     "load": "cfgen.persist",
     "catalogue": "cfgen.catalogue",
     "processors": "cfgen.processors",
+    "provenance": "cfgen.provenance",
 }
 
 __all__ = ["gumbel_noise", "Sampler", "posterior_noise", "ImpossibleObservation", *_LAZY]

@@ -1,7 +1,8 @@
 """Sphinx configuration for the cfgen documentation (``make docs``).
 
-The build is offline: no intersphinx, and the tutorials run on the embedded
-model, which is converted once and cached by ``cfgen.load_default_model``.
+The build is offline: no intersphinx, MathJax served from the built site
+(``sphinx-mathjax-offline``), and the tutorials run on the embedded model, which
+is converted once and cached by ``cfgen.load_default_model``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    # MathJax bundled in the package and copied into _static/mathjax: maths renders offline (no CDN).
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
