@@ -25,12 +25,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-STEERING = ROOT / "interventions" / "steering_dark" / "intervention"
 STORIES = ["Once upon a time, in a quiet harbour town,", "The robot looked at the stars and",
            "On the first day of winter, the old baker", "Deep in the forest, a small fox",
            "The captain of the ship called her crew and", "When the library closed, the cat",
@@ -41,7 +38,7 @@ def _setup():
     import cfgen
 
     model, tok = cfgen.load_default_model()
-    steer = cfgen.load(STEERING, model)
+    steer = cfgen.catalogue.load("steering_dark", model)
     vector = next(iter(steer.interventions.values())).source_representation
     return cfgen, model, tok, steer, vector
 

@@ -45,6 +45,7 @@ _LAZY = {
     "rank_one_edit": "cfgen.edits",
     "save": "cfgen.persist",
     "load": "cfgen.persist",
+    "catalogue": "cfgen.catalogue",
     "processors": "cfgen.processors",
     "provenance": "cfgen.provenance",
 }

@@ -21,10 +21,6 @@ from typing import Any, Optional
 
 __all__ = ["main"]
 
-STORY = "Write a short story about a lighthouse keeper."
-OBSERVED = "The old lighthouse keeper climbed the stairs every night to light the lamp for the ships."
-CATALOGUE = Path(__file__).resolve().parent.parent / "interventions"
-
 
 def _chat(tokenizer, text: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -32,64 +28,32 @@ def _chat(tokenizer, text: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def _load_intervention(directory: Path, model):
+def _load_intervention(spec: str, model):
+    """A catalogue name or a folder written by cfgen.save, loaded around ``model``; bad names exit in one line."""
     import cfgen
+    from cfgen import catalogue
 
-    if not directory.exists():
-        raise SystemExit(
-            f"cfgen: no intervention at {directory}. Rebuild the catalogue with "
-            f"`python {CATALOGUE / 'steering_dark' / 'build.py'}` or pass --intervention DIR."
-        )
-    return cfgen.load(directory, model)
+    try:
+        folder = catalogue.resolve(spec)
+    except catalogue.UnknownEntry as err:
+        raise SystemExit(f"cfgen: {err}. Pass a catalogue name or a folder written by cfgen.save.") from None
+    return cfgen.load(folder, model)
 
 
 def demo(args: argparse.Namespace) -> int:
     import torch
 
-    import cfgen
+    from cfgen import catalogue
+    from cfgen import demo as show
 
+    try:
+        catalogue.resolve(args.intervention)  # a bad name fails before the model loads
+    except catalogue.UnknownEntry as err:
+        raise SystemExit(f"cfgen demo: {err}. Pass a catalogue name or a folder written by cfgen.save.") from None
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print("Loading the embedded SmolLM2-135M-Instruct (offline; the first run converts it, about 30 s) ...")
-    model, tok = cfgen.load_default_model()
-    sampler = cfgen.Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    prompt = _chat(tok, args.prompt)
-
-    print(f"\n== 1. Explicit noise: a story sampled with seed {args.seed} ({sampler.describe()})")
-    steer = _load_intervention(Path(args.intervention), model)
-    result = cfgen.generate(steer, tok, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler,
-                            seed=args.seed, interventional=True)
-    story = result.factual_ids[0]
-    print(result.factual_texts[0])
-
-    print("\n== 2. Hindsight: the posterior noise of that story, replayed without intervention")
-    replay = cfgen.counterfactual((model, model), tok, [prompt], [story], sampler=sampler, seed=args.seed + 1,
-                                  num_samples=2)
-    same = all(ids == story for ids in replay.counterfactual_ids)
-    print(f"2 posterior draws reproduce the story token for token: {same}")
-    if not same:
-        print("cfgen: replay did not reproduce the story; please report this as a bug", file=sys.stderr)
-        return 1
-
-    print(f"\n== 3. Counterfactual: the same noise under the steering vector in {args.intervention}")
-    print(result)
-    print("\n   Interventional baseline (same intervention, fresh noise):")
-    print("   " + result.interventional_texts[0].replace("\n", "\n   "))
-
-    print(f"\n== 4. Hindsight counterfactual of a given sentence ({args.num_samples} posterior draws)")
-    print(f"   observed: {args.observed!r}")
-    hind = cfgen.counterfactual(steer, tok, [prompt], [args.observed], sampler=sampler, seed=args.seed,
-                                num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
-    print(hind)
-
-    out = Path(args.out)
-    out.write_text(
-        "<html><head><meta charset='utf-8'><title>cfgen demo</title></head><body style='font-family:sans-serif'>"
-        f"<h2>cfgen demo</h2><p>Prompt: {args.prompt}</p><h3>Prior noise: factual vs counterfactual</h3>"
-        f"{result.to_html()}<h3>Hindsight counterfactuals of an observed sentence</h3>{hind.to_html()}"
-        "</body></html>",
-        encoding="utf-8",
-    )
-    print(f"\nHTML report: {out.resolve()}")
+    show.run(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+             max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, prompt=args.prompt,
+             observed=args.observed, steering=args.intervention, steering_scale=args.steering_scale, out=args.out)
     return 0
 
 
@@ -345,7 +309,7 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
         tok.padding_side = "left"
     else:
         model, tok = cfgen.load_default_model()
-    intervenable = _load_intervention(Path(args.intervention), model)
+    intervenable = _load_intervention(args.intervention, model)
     encoded = [_chat(tok, p) if args.chat else p for p in prompts]
     kwargs = dict(sampler=sampler, seed=args.seed, num_samples=args.num_samples, interventional=args.interventional,
                   intervene_on=args.intervene_on)
@@ -621,17 +585,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="factual vs counterfactual text on the embedded model", formatter_class=fmt,
-                       description="Factual, counterfactual and hindsight text on the embedded model, with an HTML "
-                                   "report.")
-    _sampler_flags(d, temperature=0.8)
-    d.add_argument("--prompt", default=STORY, help="the user message (wrapped in the chat template)")
-    d.add_argument("--observed", default=OBSERVED, help="a sentence to take hindsight counterfactuals of")
-    d.add_argument("--intervention", default=str(CATALOGUE / "steering_dark" / "intervention"),
-                   help="the intervention folder")
-    d.add_argument("--max-new-tokens", type=_int_in("--max-new-tokens", 1), default=48, metavar="N",
-                   help="new tokens per text at most")
+                       description="An activation patch, a steering vector and hindsight on the embedded model: "
+                                   "factual, counterfactual and interventional text, with an HTML report.")
+    from . import demo as show  # the demo's defaults (cfgen.demo imports no model library at import)
+
+    _sampler_flags(d, temperature=show.TEMPERATURE)
+    d.set_defaults(seed=3)
+    d.add_argument("--prompt", default=show.STORY,
+                   help="the steering section's user message (wrapped in the chat template)")
+    d.add_argument("--observed", default=show.OBSERVED,
+                   help="a continuation of the landmark prompt to take hindsight counterfactuals of")
+    d.add_argument("--intervention", default="steering_dark", metavar="NAME|DIR",
+                   help="the steering section's intervention: a catalogue name or a folder written by cfgen.save")
+    d.add_argument("--steering-scale", type=_finite_float, default=show.STEERING_SCALE, metavar="S",
+                   help="multiplies the steering vector (the default: the largest fluent strength in a sweep; "
+                        "1 = as saved)")
+    d.add_argument("--max-new-tokens", type=_int_in("--max-new-tokens", 1), default=40, metavar="N",
+                   help="new tokens per text at most (the patch section stops at 20)")
     d.add_argument("--num-samples", type=_int_in("--num-samples", 1), default=3, metavar="N",
-                   help="posterior draws for the hindsight counterfactual")
+                   help="seeds per section, and posterior draws for the hindsight section")
     d.add_argument("--out", default="cfgen_report.html", help="where to write the HTML report")
     d.set_defaults(func=demo, parser=d)
 
@@ -639,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Factual and noise-matched counterfactual text for prompts under a saved "
                                    "intervention. With --out, each finished batch is appended to the file at once; "
                                    "Ctrl-C stops after the current batch (exit 130) and --resume continues.")
-    r.add_argument("--intervention", required=True, metavar="DIR", help="a directory written by cfgen.save (or pyvene's save)")
+    r.add_argument("--intervention", required=True, metavar="NAME|DIR",
+                   help="a catalogue name (cfgen.catalogue.names()) or a folder written by cfgen.save")
     r.add_argument("--model", default=None, metavar="DIR", help="a local Hugging Face model folder (unset: the embedded model)")
     r.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     r.add_argument("--prompts-file", metavar="FILE", help="a UTF-8 file with one prompt per line (blank lines skipped)")

@@ -1,5 +1,6 @@
 """End to end on the embedded SmolLM2-135M-Instruct, and save / load in a fresh process."""
 
+import html
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import cfgen
 from .conftest import CharTokenizer, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
-STEERING = ROOT / "interventions" / "steering_dark" / "intervention"
+STEERING = cfgen.catalogue.path("steering_dark")
 PROMPTS = ["Once upon a time, in a quiet harbour town,", "The robot looked at the stars and"]
 
 
@@ -101,3 +102,47 @@ print(json.dumps([r.factual_ids, r.counterfactual_ids, r.seeds, r.sampler.to_dic
     fact, cf, seeds, sampler = json.loads(out.stdout.strip().splitlines()[-1])
     assert (fact, cf, seeds) == (before.factual_ids, before.counterfactual_ids, before.seeds)
     assert sampler == {"temperature": 0.7, "top_k": 6, "top_p": None}
+
+
+@pytest.mark.slow
+def test_demo_sections_on_the_embedded_model(embedded, tmp_path):
+    from cfgen import catalogue, demo
+
+    model, tok = embedded
+    printed = []
+    sections = demo.run(model=model, tokenizer=tok, seed=3, max_new_tokens=6, num_samples=2, out=tmp_path / "r.html",
+                        echo=printed.append)
+    assert [s.name for s in sections] == ["patch", "steering", "hindsight"]
+    for s in sections:
+        assert len(s.result.interventional_ids) == len(s.result) == 2
+        assert s.result.seeds == [3, 4]
+    # hindsight: the factual row is the observed sentence itself, token for token
+    observed = tok(demo.OBSERVED, add_special_tokens=False)["input_ids"]
+    assert sections[2].result.factual_ids == [observed, observed] and sections[2].result.mode == "hindsight"
+    # the patch section is the catalogue entry with its recorded source and positions
+    ex = catalogue.example("patch_landmark_city")
+    again = cfgen.generate(catalogue.load("patch_landmark_city", model), tok, [ex["prompt"]], max_new_tokens=6,
+                           temperature=demo.TEMPERATURE, seed=3, num_samples=2, sources=[ex["source"]],
+                           unit_locations={"sources->base": tuple(ex["unit_locations"]["sources->base"])})
+    assert again.counterfactual_ids == sections[0].result.counterfactual_ids
+    # the steering section adds STEERING_SCALE x the saved vector
+    vector = next(iter(cfgen.load(STEERING, model).interventions.values())).source_representation
+    direct = pv.IntervenableModel({"layer": 9, "component": "block_output",
+                                   "intervention": pv.AdditionIntervention(
+                                       embed_dim=576, source_representation=vector * demo.STEERING_SCALE)}, model)
+    chat = demo.chat_prompt(tok, demo.STORY)
+    ref = cfgen.generate(direct, tok, [chat], max_new_tokens=6, temperature=demo.TEMPERATURE, seed=3, num_samples=2)
+    assert ref.counterfactual_ids == sections[1].result.counterfactual_ids
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert all(html.escape(s.title) in page for s in sections) and printed[-1].startswith("\nHTML report:")
+    assert sum("interventional (fresh noise)" in chunk for chunk in printed) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["cfgen.catalogue", "cfgen.demo"])
+def test_docstring_examples_run(embedded, module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

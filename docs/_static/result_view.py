@@ -18,17 +18,16 @@ from pathlib import Path
 import cfgen
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 
 
 def main() -> int:
     model, tok = cfgen.load_default_model()
-    patch = cfgen.load(str(ROOT / "interventions/patch_landmark_city/intervention"), model)
+    patch = cfgen.catalogue.load("patch_landmark_city", model)
     prompt = "The Eiffel Tower is located in the city of"
     result = cfgen.generate(patch, tok, [prompt], sources=["The Colosseum is located in the city of"],
                             unit_locations={"sources->base": (9, 9)}, max_new_tokens=14, num_samples=4, seed=0,
                             temperature=0.7, interventional=True)
-    steer = cfgen.load(str(ROOT / "interventions/steering_dark/intervention"), model)
+    steer = cfgen.catalogue.load("steering_dark", model)
     story = cfgen.generate(steer, tok, ["Once upon a time, in a small village,", "The weather this morning"],
                            max_new_tokens=16, num_samples=2, seed=1, temperature=0.7, interventional=True)
     page = ("<html><head><meta charset='utf-8'><title>cfgen result view</title></head>"

@@ -8,11 +8,12 @@ probability from " Paris" to " Rome" at the next token. The sweep table
 (``sweep.md``) shows what it found: the landmark's own position carries little
 on its own in this model, while the last position at late layers (24 on), where
 the answer is being assembled, moves it decisively.
-The saved directory holds the pyvene intervention (``cfgen.save``) and
-``example.json`` with the prompts and ``unit_locations`` that go with it.
+The catalogue entry ``patch_landmark_city`` (``cfgen/catalogue_data/patch_landmark_city``)
+holds the pyvene intervention (``cfgen.save``) and ``example.json`` with the prompts
+and ``unit_locations`` that go with it (``cfgen.catalogue.example("patch_landmark_city")``).
 
 Run: ``python interventions/patch_landmark_city/build.py`` (under a minute).
-Then: ``cfgen run --intervention interventions/patch_landmark_city/intervention``
+Then: ``cfgen run --intervention patch_landmark_city``
 ``--prompt "The Eiffel Tower is located in the city of" --source "The Colosseum is located in the city of"``
 ``--unit-locations '{"sources->base": [9, 9]}'`` (the positions example.json records).
 """
@@ -29,6 +30,8 @@ import cfgen
 from cfgen import persist
 
 HERE = Path(__file__).resolve().parent
+# the saved folder ships inside the package (cfgen.catalogue); this writes the source tree's copy
+OUT = HERE.parents[1] / "cfgen" / "catalogue_data" / "patch_landmark_city"
 BASE = "The Eiffel Tower is located in the city of"
 SOURCE = "The Colosseum is located in the city of"
 LAYERS = list(range(0, 30, 3))
@@ -70,8 +73,8 @@ def main() -> None:
     (HERE / "sweep.md").write_text(text)
     patch = pv.IntervenableModel({"layer": layer, "component": "block_output",
                                   "intervention_type": pv.VanillaIntervention}, model)
-    persist.save(patch, HERE / "intervention")
-    (HERE / "example.json").write_text(json.dumps(
+    persist.save(patch, OUT)
+    (OUT / "example.json").write_text(json.dumps(
         {"prompt": BASE, "source": SOURCE, "layer": layer,
          "unit_locations": {"sources->base": [s_pos, b_pos]}}, indent=2) + "\n")
     print(f"saved layer-{layer} patch; positions source {s_pos} -> base {b_pos}")

@@ -2,13 +2,14 @@
 
 Run from the repository root::
 
-    python interventions/ravel_country/build.py            # uses the shipped subset in data/
+    python interventions/ravel_country/build.py            # uses the shipped subset (cfgen.catalogue.data_path)
     python interventions/ravel_country/build.py --ravel /path/to/ravel   # re-derive the subset first
 
 What it does (everything seeded and deterministic; about 4-6 minutes on 2
 shared CPU cores with one thread, see README.md):
 
-1. Data: a subset of RAVEL's city part (MIT licence, see data/LICENSE): 150
+1. Data: a subset of RAVEL's city part (MIT licence, its LICENSE file beside it;
+   ``cfgen/catalogue_data/data/ravel_city``, shipped in the package): 150
    cities of the N_COUNTRIES most frequent countries that the model can place
    (``make_subset``, only with ``--ravel``), and four short prompt templates
    from RAVEL's lists: two for the target attribute Country, one each for
@@ -34,7 +35,8 @@ shared CPU cores with one thread, see README.md):
 5. DAS (Cause loss only) and MDAS (Cause + Isolate loss) with a rank-RANK
    ``pv.LowRankRotatedSpaceIntervention`` (``cfgen.abstraction``); Cause /
    Isolate / Disentangle on pairs of held-out cities only; both saved with
-   ``cfgen.persist.save`` into das/ and mdas/, numbers into results.json.
+   ``cfgen.persist.save`` as the catalogue entries ``ravel_country_das`` and
+   ``ravel_country_mdas`` (``cfgen/catalogue_data/``), numbers into results.json.
 6. If ``cfgen.generate`` exists: noise-matched counterfactual text about a
    held-out city whose Country subspace comes from another city
    (``counterfactual_example``; ``--example-only`` reruns just this).
@@ -52,7 +54,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE / "data"
+# the saved folders ship inside the package (cfgen.catalogue: ravel_country_das, ravel_country_mdas)
+CATALOGUE = HERE.parents[1] / "cfgen" / "catalogue_data"
+DATA = CATALOGUE / "data" / "ravel_city"  # with its LICENSE; shipped so tutorials run from an install
 LAYER = 8
 RANK = 16
 STEPS = 60
@@ -299,12 +303,12 @@ def counterfactual_example(intervenable, tok, attrs: dict, labels: dict, cities:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ravel", type=Path, help="full RAVEL city folder to re-derive data/ from")
+    parser.add_argument("--ravel", type=Path, help="full RAVEL city folder to re-derive the shipped subset from")
     parser.add_argument("--scan", action="store_true", help="also scan layers with full-vector interchange")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--scan-only", action="store_true", help="only the layer scan (into results.json)")
     parser.add_argument("--example-only", action="store_true",
-                        help="only regenerate the counterfactual-text example from the saved das/ and mdas/")
+                        help="only regenerate the counterfactual-text example from the saved DAS and MDAS entries")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -334,7 +338,7 @@ def main() -> None:
     if args.example_only:
         results = json.loads((HERE / "results.json").read_text())
         for name in ("das", "mdas"):
-            iv = persist.load(HERE / name, model)
+            iv = persist.load(CATALOGUE / f"ravel_country_{name}", model)
             results[f"counterfactual_example_{name}"] = counterfactual_example(iv, tok, attrs, labels, test)
             print(json.dumps(results[f"counterfactual_example_{name}"], indent=1), flush=True)
         (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -377,7 +381,7 @@ def main() -> None:
                             seed=SEED, progress=not args.no_progress)
         results[name] = evaluate(iv, cause_te, iso_te)
         results[name + "_train"] = evaluate(iv, cause_tr[:32], iso_tr[:32])
-        persist.save(iv, HERE / name)
+        persist.save(iv, CATALOGUE / f"ravel_country_{name}")
         results[f"counterfactual_example_{name}"] = counterfactual_example(iv, tok, attrs, labels, test)
         print(f"{name}: held-out {results[name]}  train {results[name + '_train']}  [{time.time() - t0:.0f}s]",
               flush=True)

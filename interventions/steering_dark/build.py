@@ -11,7 +11,8 @@ that are not in either set, how much the steered model raises the log-probabilit
 of dark words at the next token and how far (KL) it moves the next-token
 distribution. It keeps the layer with the largest dark-word shift among
 those whose KL stays below ``MAX_KL`` (larger moves break fluency). The sweep's
-table is printed and written to ``sweep.md``.
+table is printed and written to ``sweep.md``; the intervention is saved as the
+catalogue entry ``steering_dark`` (``cfgen/catalogue_data/steering_dark``).
 
 Run: ``python interventions/steering_dark/build.py`` (about a minute on 2 cores).
 """
@@ -27,6 +28,8 @@ import cfgen
 from cfgen import persist
 
 HERE = Path(__file__).resolve().parent
+# the saved folder ships inside the package (cfgen.catalogue); this writes the source tree's copy
+OUT = HERE.parents[1] / "cfgen" / "catalogue_data" / "steering_dark"
 LAYERS = [3, 6, 9, 12, 15, 18, 21, 24]
 COEFFICIENT = 4.0
 MAX_KL = 2.0
@@ -101,8 +104,8 @@ def main() -> None:
     (HERE / "sweep.md").write_text(text)
 
     vector = COEFFICIENT * diff[layer + 1]
-    persist.save(steering_model(model, layer, vector), HERE / "intervention")
-    print(f"saved the layer-{layer} steering vector (norm {norm:.1f}) to {HERE / 'intervention'}")
+    persist.save(steering_model(model, layer, vector), OUT)
+    print(f"saved the layer-{layer} steering vector (norm {norm:.1f}) to {OUT}")
 
 
 if __name__ == "__main__":
