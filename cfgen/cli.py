@@ -273,6 +273,12 @@ def run(args: argparse.Namespace) -> int:
                      .replace("top_p", "--top-p", 1)) from None
     if args.model:
         _check_model_dir(args.model)
+    from cfgen import catalogue
+
+    try:  # a misspelt name or a missing folder is answered before the model loads
+        catalogue.resolve(args.intervention)
+    except catalogue.UnknownEntry as err:
+        raise _Usage(f"--intervention: {err}") from None
     settings = _run_settings(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_ranks(args, prompts, observed, sampler, settings)

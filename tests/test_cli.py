@@ -309,11 +309,9 @@ def test_a_second_writer_is_refused_and_a_failed_run_leaves_no_empty_file(setup,
     out.unlink()
     argv = base_args(setup, out)
     argv[argv.index("--intervention") + 1] = str(tmp_path / "missing")
-    try:  # the intervention folder is checked by _load_intervention, once the model is loaded
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    assert status not in (0, None) and not out.exists()
+    line = usage_error(capsys, argv)  # refused before the model loads, naming it and the catalogue
+    assert "--intervention" in line and "missing" in line and "steering_dark" in line
+    assert not out.exists()
 
 
 def test_undecodable_text_and_foreign_files_are_refused(capsys, tmp_path):
@@ -321,7 +319,8 @@ def test_undecodable_text_and_foreign_files_are_refused(capsys, tmp_path):
     assert "--prompt number 2 is not valid UTF-8 text (at character 4)" in line
     foreign = tmp_path / "r.jsonl"
     foreign.write_text(json.dumps({"prompt": "hi", "prompt_index": 0, "sample_index": 0, "settings": {}}) + "\n")
-    line = usage_error(capsys, ["run", "--intervention", "x", "--prompt", "hi", "--out", str(foreign), "--resume"])
+    line = usage_error(capsys, ["run", "--intervention", "steering_dark", "--prompt", "hi", "--out", str(foreign),
+                                "--resume"])
     assert "line 1 records no cfgen run settings (written by other code or an older cfgen)" in line
 
 
