@@ -29,6 +29,7 @@ FMA).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -356,7 +357,7 @@ def posterior(
         mb = m[lo:hi, None]
         _truncated_(a, u, mb, w)
         u.scatter_(1, y[lo:hi, None], (m[lo:hi] - a_y)[:, None])
-        ensure_argmax(a, u, y[lo:hi])
+        ensure_argmax(a, u, y[lo:hi], w.f[0])
     return out, impossible
 
 
@@ -413,7 +414,7 @@ def _truncated_(a: torch.Tensor, g: torch.Tensor, m: torch.Tensor, w: _Work) -> 
 # ---------------------------------------------------------------- the observed token's lift
 
 
-def ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> None:
+def ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> None:
     """Make ``argmax(a + u) == y`` hold exactly in float32, in place.
 
     Mathematically every competitor sits strictly below ``M``; in float32 a
@@ -423,7 +424,7 @@ def ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> None:
     """
     rows = torch.arange(len(y), device=y.device)
     for _ in range(64):
-        s = a + u
+        s = a + u if scratch is None else torch.add(a, u, out=scratch)
         s_y = s[rows, y]
         if s.shape[1] == 1:
             return
