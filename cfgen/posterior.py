@@ -159,7 +159,8 @@ def posterior_noise(
         u, impossible = _eager.posterior(z, y, k1, k2, m[:, 0])
     if bool(impossible.any()):
         i = int(impossible.nonzero()[0])
-        raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
+        given = None if step is None else int(torch.broadcast_to(torch.as_tensor(step), tokens.shape).reshape(-1)[i])
+        raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler, given)
     return u.reshape(logits.shape)
 
 
@@ -167,11 +168,15 @@ def _unravel(i: int, shape) -> tuple:
     return tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(shape))) if len(shape) else ()
 
 
-def _impossible(logits_row: torch.Tensor, token: int, index: tuple, sampler: Sampler) -> ImpossibleObservation:
+def _impossible(
+    logits_row: torch.Tensor, token: int, index: tuple, sampler: Sampler, step: Optional[int] = None
+) -> ImpossibleObservation:
     z = logits_row.float()
     rank = int((z > z[token]).sum()) + 1
     p = float(torch.softmax(z / (sampler.temperature or 1.0), -1)[token])
-    if not index:
+    if step is not None:  # the caller numbered the steps (e.g. one decode step of R rows)
+        where = f"step {step}" + (f" (index {index} of tokens)" if index else "")
+    elif not index:
         where = "the single observed position"
     else:
         where = f"step {index[-1]}" + (f" of batch row {index[:-1] if len(index) > 2 else index[0]}" if len(index) > 1 else "")

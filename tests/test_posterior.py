@@ -197,3 +197,12 @@ def test_bad_step(step, err, match):
     logits = torch.zeros(2, 5)
     with pytest.raises(err, match=match):
         cfgen.posterior_noise(logits, torch.zeros(2, dtype=torch.long), seed=torch.tensor([1, 2]), step=step)
+
+
+def test_impossible_observation_in_a_per_step_call_names_the_given_step_and_row():
+    logits = torch.zeros(3, 10)
+    logits[:, 0] = 5.0
+    tokens = torch.tensor([0, 0, 7])
+    with pytest.raises(cfgen.ImpossibleObservation, match=r"token 7 at step 12 \(index \(2,\) of tokens\)") as err:
+        cfgen.posterior_noise(logits, tokens, sampler=cfgen.Sampler(top_k=1), seed=torch.arange(3), step=12)
+    assert err.value.index == (2,) and err.value.token == 7
