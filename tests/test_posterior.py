@@ -206,3 +206,17 @@ def test_impossible_observation_in_a_per_step_call_names_the_given_step_and_row(
     with pytest.raises(cfgen.ImpossibleObservation, match=r"token 7 at step 12 \(index \(2,\) of tokens\)") as err:
         cfgen.posterior_noise(logits, tokens, sampler=cfgen.Sampler(top_k=1), seed=torch.arange(3), step=12)
     assert err.value.index == (2,) and err.value.token == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("sampler", SAMPLERS[:4], ids=lambda s: s.describe())
+def test_cpu_and_cuda_posterior_bit_identical(sampler):
+    # the eager kernels on the GPU give the CPU's bits (native or eager), at the benchmark's vocabulary
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(2, 6, 49152, generator=g) * 4
+    tokens = observed_tokens(sampler, logits, seed=1)
+    seeds = torch.tensor([[3], [4]])
+    cpu = cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds)
+    gpu = cfgen.posterior_noise(logits.cuda(), tokens.cuda(), sampler=sampler, seed=seeds.cuda())
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(sampler.log_probs(logits.cuda()).cpu(), sampler.log_probs(logits))
