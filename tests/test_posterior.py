@@ -209,9 +209,10 @@ def test_impossible_observation_in_a_per_step_call_names_the_given_step_and_row(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("sampler", SAMPLERS[:4], ids=lambda s: s.describe())
+@pytest.mark.parametrize("sampler", SAMPLERS[:3], ids=lambda s: s.describe())
 def test_cpu_and_cuda_posterior_bit_identical(sampler):
     # the eager kernels on the GPU give the CPU's bits (native or eager), at the benchmark's vocabulary
+    # (not top-p: its support follows HF's per-device cumulative sum, by design)
     g = torch.Generator().manual_seed(23)
     logits = torch.randn(2, 6, 49152, generator=g) * 4
     tokens = observed_tokens(sampler, logits, seed=1)
