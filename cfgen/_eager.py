@@ -71,7 +71,7 @@ def _f32_bits(x: float) -> int:
 
 _ONE_MINUS_SQRT_HALF_BITS = _f32_bits(_ieee.ONE_MINUS_SQRT_HALF)
 _SQRT2M1_BITS = _f32_bits(_ieee.SQRT2M1)
-# Elements per block of rows: on CPU about 1 MiB per buffer, so the ten scratch buffers stay in
+# Elements per block of rows: on CPU about 1 MiB per buffer, so the eight scratch buffers stay in
 # cache (measured best between 2**17 and 2**20 on a 2-core EPYC); on GPUs large, to bound scratch memory.
 _BLOCK = 1 << 18
 _DEVICE_BLOCK = 1 << 24
@@ -177,7 +177,7 @@ class _Work:
 
     def __init__(self, shape, device):
         self.shape = tuple(shape)
-        self.f = [torch.empty(self.shape, dtype=torch.float32, device=device) for _ in range(6)]
+        self.f = [torch.empty(self.shape, dtype=torch.float32, device=device) for _ in range(5)]
         self.i = [torch.empty(self.shape, dtype=torch.int32, device=device) for _ in range(3)]
 
     def fit(self, rows: int) -> _Work:
