@@ -19,7 +19,11 @@ tokens after a short prompt, times
    code, shown so the ratio against the reference is not read as the whole story.
 
 Every posterior is checked to reproduce the sampled tokens, and the native and
-eager noise to be bit-identical. Uses only cfgen's public API, numpy, torch and
+eager noise to be bit-identical. ``--device cuda`` runs the model and cfgen on
+a GPU (the eager kernels; the C kernel is CPU-only), checks the GPU noise
+against the CPU's bit for bit, and times the reference loops on the CPU. One
+table gives every row's ratio to the forward pass, to the native kernel and to
+the reference loops. Uses only cfgen's public API, numpy, torch and
 transformers. Run ``python bench/posterior.py --help``.
 """
 
@@ -39,12 +43,19 @@ import cfgen
 PROMPT = "Once upon a time, in a small village,"
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls, and the last result."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> tuple[float, object]:
+    """Median wall time of ``repeats`` calls (device work included), and the last result."""
     times, out = [], None
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         out = fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -68,8 +79,8 @@ def with_backend(name: str, fn):
 
 def sample_continuations(model, tok, batch: int, new_tokens: int, seeds: torch.Tensor, sampler: cfgen.Sampler):
     """B sampled continuations of exactly T tokens (EOS suppressed), with cfgen's explicit noise."""
-    enc = tok([PROMPT] * batch, return_tensors="pt")
-    hook = cfgen.SamplerHook(sampler, seeds=seeds)
+    enc = tok([PROMPT] * batch, return_tensors="pt").to(model.device)
+    hook = cfgen.SamplerHook(sampler, seeds=seeds.to(model.device))
     with torch.no_grad():
         out = model.generate(
             enc["input_ids"],
@@ -133,12 +144,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="sampled tokens T per sequence (default 64)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row, median reported (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where the model and cfgen run, e.g. cpu or cuda (default cpu); off the CPU the native row is "
+        "left out (the C kernel is CPU-only) and the reference loops run on a CPU copy of the logits",
+    )  # fmt: skip
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     B, T, R = args.batch, args.new_tokens, args.repeats
 
     model, tok = cfgen.load_default_model()
+    model = model.to(device)
     V = model.config.vocab_size
     sampler = cfgen.Sampler()  # temperature 1, full vocabulary: the published method's setting
     seeds = torch.arange(B, dtype=torch.int64) + 1000
@@ -155,7 +175,7 @@ def main() -> None:
         with torch.no_grad():
             return model(ids, attention_mask=torch.ones_like(ids)).logits
 
-    t_forward, full = timed(forward, R)
+    t_forward, full = timed(forward, R, device)
     logits = full[:, P - 1 : -1].contiguous()  # [B, T, V]: logits[:, t] predicted tokens[:, t]
     del full
 
@@ -163,15 +183,26 @@ def main() -> None:
     def posterior():
         return cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds[:, None])
 
-    t0 = time.perf_counter()
-    u_cold = with_backend("native", posterior)()
-    t_cold = time.perf_counter() - t0
-    t_native, u_native = timed(with_backend("native", posterior), R)
-    assert torch.equal(sampler.sample(logits, u_native), tokens), "cfgen posterior (native) does not reproduce the tokens"
-    t_eager, u_eager = timed(with_backend("eager", posterior), R)
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        t0 = time.perf_counter()
+        u_cold = with_backend("native", posterior)()
+        t_cold = time.perf_counter() - t0
+        t_native, u_native = timed(with_backend("native", posterior), R)
+        assert torch.equal(sampler.sample(logits, u_native), tokens), "cfgen posterior (native) does not reproduce the tokens"
+    t_eager, u_eager = timed(with_backend("eager", posterior), R, device)
     assert torch.equal(sampler.sample(logits, u_eager), tokens), "cfgen posterior (eager) does not reproduce the tokens"
-    same_bits = torch.equal(u_eager, u_native) and torch.equal(u_cold, u_native)
-    del u_cold, u_eager
+    if on_cpu:
+        same_bits = str(torch.equal(u_eager, u_native) and torch.equal(u_cold, u_native))
+        del u_cold, u_native
+    else:
+        # the C kernel cannot run here: compare with the CPU (native where it builds, else eager)
+        u_cpu = with_backend("auto", lambda: cfgen.posterior_noise(logits.cpu(), tokens.cpu(), sampler=sampler,
+                                                                    seed=seeds[:, None]))()
+        same_bits = f"n/a on {device.type}; {device.type} eager == CPU bits: {torch.equal(u_eager.cpu(), u_cpu)}"
+        del u_cpu
+    del u_eager
+    logits, tokens = logits.cpu(), tokens.cpu()
 
     # 3. The reference loop (numpy float64, as published) and 4. its torch float32 port.
     t_ref, u_ref = timed(lambda: reference_posterior(logits, tokens, seeds), R)
@@ -185,7 +216,8 @@ def main() -> None:
 
     # The table.
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"cfgen {cfgen.__version__} bench/posterior.py: embedded SmolLM2-135M-Instruct (float32, CPU)")
+    where = "CPU" if on_cpu else f"{device}: {torch.cuda.get_device_name(device)}"
+    print(f"cfgen {cfgen.__version__} bench/posterior.py: embedded SmolLM2-135M-Instruct (float32, {where})")
     print(
         f"B={B} sequences x T={T} sampled tokens after a {P}-token prompt ({P + T} positions), V={V}; "
         f"sampler: {sampler.describe()}"
@@ -194,23 +226,27 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"load average {load[0]:.1f}; median of {R} runs; sampling the data took {t_sample:.1f} s (not timed below)"
     )
-    rows = [
-        ("teacher-forced forward (logits)", t_forward, False),
-        ("cfgen posterior_noise, native", t_native, True),
-        ("cfgen posterior_noise, native (1st call)", t_cold, False),
-        ("cfgen posterior_noise, eager", t_eager, True),
+    rows = [("teacher-forced forward (logits)", t_forward, False)]
+    if on_cpu:
+        rows += [("cfgen posterior_noise, native", t_native, True),
+                 ("cfgen posterior_noise, native (1st call)", t_cold, False)]  # fmt: skip
+    rows += [
+        (f"cfgen posterior_noise, eager torch ({device.type})", t_eager, True),
         ("reference loop, numpy float64 (published)", t_ref, True),
-        ("reference loop, torch float32 port", t_port, True),
+        ("reference loop, torch float32 port (CPU)", t_port, True),
     ]
     print()
-    print(f"{'':44s}{'seconds':>9s}{'/ forward':>11s}{'reference / row':>17s}{'port / row':>12s}")
+    native_col = "/ native" if on_cpu else ""
+    print(f"{'':46s}{'seconds':>9s}{'/ forward':>11s}{native_col:>10s}{'reference / row':>17s}{'port / row':>12s}")
     for name, t, vs_ref in rows:
-        ratios = f"{t_ref / t:16.2f}x{t_port / t:11.2f}x" if vs_ref else ""
-        print(f"{name:44s}{t:9.3f}{t / t_forward:11.3f}{ratios}")
-    print("(1st call: the first native call in this process: loading, or on a fresh machine compiling,")
-    print(" the kernel, and its bit-for-bit self-check against the eager code)")
+        vs_native = f"{t / t_native:9.2f}x" if on_cpu and name.startswith("cfgen") else " " * 10
+        ratios = f"{vs_native}{t_ref / t:16.2f}x{t_port / t:11.2f}x" if vs_ref else ""
+        print(f"{name:46s}{t:9.3f}{t / t_forward:11.3f}{ratios}")
+    if on_cpu:
+        print("(1st call: the first native call in this process: loading, or on a fresh machine compiling,")
+        print(" the kernel, and its bit-for-bit self-check against the eager code)")
     print()
-    print(f"tokens reproduced: cfgen native yes, cfgen eager yes, reference yes, port yes; native == eager bits: {same_bits}")
+    print(f"tokens reproduced: cfgen (every backend run) yes, reference yes, port yes; native == eager bits: {same_bits}")
 
 
 if __name__ == "__main__":

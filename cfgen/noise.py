@@ -1,9 +1,9 @@
 """Counter-based Gumbel noise: a pure function of (seed, step, token id).
 
-The hash works on 32-bit lanes held in int64 tensors and multiplies only by
-constants below 2**31, so no intermediate ever exceeds 2**63 (signed overflow
-is undefined behaviour in compiled kernels). The Gumbel transform uses only
-IEEE-754 basic operations (``_ieee.py``). So the eager torch code, on any
+The hash is a 32-bit integer mix (``_eager.py``: in int64 lanes with
+multipliers below 2**31, so no intermediate exceeds 2**63, or in int32 lanes
+where products are checked to wrap modulo 2**32). The Gumbel transform uses
+only IEEE-754 basic operations (``_ieee.py``). So the eager torch code, on any
 device, and the fused C kernel (``_native.c``, used on CPU) give the same bits.
 """
 
@@ -13,8 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _native
-from ._ieee import gumbel_from_bits
+from . import _eager, _native
 
 __all__ = ["gumbel_noise", "uniform_bits", "PRIOR", "POSTERIOR_MAX", "POSTERIOR_TRUNCATED", "ALTERNATIVE"]
 
@@ -25,26 +24,7 @@ POSTERIOR_MAX = 1
 POSTERIOR_TRUNCATED = 2
 ALTERNATIVE = 3
 
-_M32 = 0xFFFFFFFF
-# Multipliers of a low-bias 32-bit integer hash (shift 16 / 15 / 15); both are
-# below 2**31, so a 32-bit value times either stays below 2**63.
-_C1 = 0x21F0AAAD
-_C2 = 0x735A2D97
-_GOLDEN = 0x1E3779B9  # an odd constant below 2**31 that breaks the mix's fixed point at 0
-
 SeedLike = Union[int, torch.Tensor]
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * _C1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _C2) & _M32
-    return x ^ (x >> 15)
-
-
-def _absorb(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return _mix32((key + (value & _M32) + _GOLDEN) & _M32)
 
 
 def _as_int64(x: SeedLike, name: str, device) -> torch.Tensor:
@@ -59,48 +39,6 @@ def _as_int64(x: SeedLike, name: str, device) -> torch.Tensor:
     if x.dim() > 1:
         raise ValueError(f"{name} must be a scalar or a 1-D tensor [B], got shape {tuple(x.shape)}")
     return x.reshape(-1).to(device=device, dtype=torch.int64)
-
-
-def _row_keys(seeds: torch.Tensor, steps: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = _absorb(torch.full_like(seeds, stream & _M32), seeds & _M32)
-    key = _absorb(key, (seeds >> 32) & _M32)
-    key = _absorb(key, steps & _M32)
-    key = _absorb(key, (steps >> 32) & _M32)
-    return key, _absorb(key, torch.full_like(key, 0x5BD1E995 & 0x7FFFFFFF))
-
-
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    # In-place twin of _mix32 for the [B, V] hot path (halves eager memory traffic).
-    x ^= x >> 16
-    x.mul_(_C1).bitwise_and_(_M32)
-    x ^= x >> 15
-    x.mul_(_C2).bitwise_and_(_M32)
-    x ^= x >> 15
-    return x
-
-
-def _bits(k1: torch.Tensor, k2: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    # Two keyed rounds: with one, rows whose keys differ in low bits would share
-    # a permuted copy of each other's noise.
-    x = token[None, :] ^ k1[:, None]
-    _mix32_(x)
-    x ^= k2[:, None]
-    return _mix32_(x)
-
-
-def _eager_gumbel(k1: torch.Tensor, k2: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    token = torch.arange(vocab_size, dtype=torch.int64, device=k1.device)
-    if k1.device.type != "cpu" or len(k1) * vocab_size <= _CHUNK:
-        return gumbel_from_bits(_bits(k1, k2, token))
-    # On CPU, blocks of rows whose int64 intermediates stay in cache are ~3x faster.
-    out = torch.empty(len(k1), vocab_size, dtype=torch.float32)
-    rows = max(1, _CHUNK // vocab_size)
-    for i in range(0, len(k1), rows):
-        out[i : i + rows] = gumbel_from_bits(_bits(k1[i : i + rows], k2[i : i + rows], token))
-    return out
-
-
-_CHUNK = 1 << 18  # elements per CPU block of the eager path
 
 
 def _broadcast_rows(seeds: SeedLike, step: SeedLike, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +65,8 @@ def uniform_bits(seeds: SeedLike, step: SeedLike, vocab_size: int, *, stream: in
     """
     _check_vocab(vocab_size)
     s, t = _broadcast_rows(seeds, step, device)
-    k1, k2 = _row_keys(s, t, stream)
-    return _bits(k1, k2, torch.arange(vocab_size, dtype=torch.int64, device=s.device))
+    k1, k2 = _eager.row_keys(s, t, stream)
+    return _eager.bits(k1, k2, torch.arange(vocab_size, dtype=torch.int64, device=s.device))
 
 
 def _check_vocab(vocab_size: int) -> None:
@@ -170,8 +108,8 @@ def gumbel_noise(
     """
     _check_vocab(vocab_size)
     s, t = _broadcast_rows(seeds, step, device)
-    k1, k2 = _row_keys(s, t, stream)
+    k1, k2 = _eager.row_keys(s, t, stream)
     lib = _native.library(s.device)
     if lib is not None:
         return _native.gumbel(lib, k1, k2, vocab_size)
-    return _eager_gumbel(k1, k2, vocab_size)
+    return _eager.gumbel(k1, k2, vocab_size)

@@ -12,9 +12,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import _native
-from ._ieee import fixed_point_bits, log_softmax32, truncated_gumbel
-from .noise import POSTERIOR_MAX, POSTERIOR_TRUNCATED, _eager_gumbel, _row_keys, gumbel_noise
+from . import _eager, _native
+from ._ieee import fixed_point_bits
+from .noise import POSTERIOR_MAX, POSTERIOR_TRUNCATED, gumbel_noise
 from .sampler import Sampler
 
 __all__ = ["posterior_noise", "ImpossibleObservation"]
@@ -33,17 +33,20 @@ class ImpossibleObservation(ValueError):
         self.sampler = sampler
 
 
-_BLOCK = 1 << 20  # elements per CPU block of the eager path
-
-
 def _keys(tokens: torch.Tensor, seed, step) -> tuple[torch.Tensor, torch.Tensor]:
     shape = tokens.shape
+    explicit_step = step is not None
     if step is None:
         step = torch.arange(shape[-1], device=tokens.device) if len(shape) else torch.zeros((), dtype=torch.int64)
+    elif isinstance(step, bool) or not isinstance(step, (int, torch.Tensor)):
+        raise TypeError(f"step must be an int or an int64 tensor broadcastable to tokens {tuple(shape)}, got {step!r}")
+    elif isinstance(step, torch.Tensor) and (step.is_floating_point() or step.is_complex() or step.dtype == torch.bool):
+        raise TypeError(f"step must hold integers (int64), got dtype {step.dtype}")
     if not len(shape):  # a single observed token
         tokens = tokens.reshape(1)
     step = torch.as_tensor(step, dtype=torch.int64, device=tokens.device)
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    int_seed = isinstance(seed, int) and not isinstance(seed, bool)
+    if int_seed:
         # One int for many rows: fold the row index into the step key so rows
         # draw independent noise. Pass a tensor of seeds for batch invariance.
         rows = torch.arange(max(1, tokens[..., :1].numel()), device=tokens.device)
@@ -60,7 +63,15 @@ def _keys(tokens: torch.Tensor, seed, step) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(
             f"seed {tuple(seed.shape)} and step {tuple(step.shape)} must broadcast to tokens {tuple(shape)}"
         ) from None
-    return seed.reshape(-1), step.reshape(-1)
+    seed, step = seed.reshape(-1), step.reshape(-1)
+    if explicit_step and int_seed and torch.unique(step).numel() < step.numel():
+        # an int seed with given steps: positions sharing a step would draw the very same noise
+        raise ValueError(
+            "with an int seed, positions that share a step get identical noise; the row index is folded in only "
+            "along the leading axes of tokens [..., T]. For one decode step of R rows (logits [R, V], tokens [R]) "
+            "pass one seed per row, seed=<int64 tensor [R]>, with step=<int or int64 tensor [R]>"
+        )
+    return seed, step
 
 
 def posterior_noise(
@@ -69,7 +80,7 @@ def posterior_noise(
     *,
     sampler: Sampler = Sampler(),
     seed: Union[int, torch.Tensor] = 0,
-    step: Optional[torch.Tensor] = None,
+    step: Optional[Union[int, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Draw Gumbel noise from its exact posterior given the observed ``tokens``.
 
@@ -82,10 +93,23 @@ def posterior_noise(
         tokens: ``[...]`` observed token ids.
         sampler: the sampler that produced (or is assumed to have produced) ``tokens``.
         seed: an int, or an int64 tensor broadcastable to ``tokens.shape`` (one seed
-            per position, e.g. ``[B, 1]``). With an int the row index is folded into
-            the key so rows draw independent noise.
-        step: generation step of each position, broadcastable to ``tokens.shape``;
-            defaults to ``0..T-1`` along the last axis of ``tokens``.
+            per position, e.g. ``[B, 1]``). With an int the row index (over the
+            leading axes of ``tokens``) is folded into the key so rows draw
+            independent noise.
+        step: generation step of each position (an int or an int64 tensor),
+            broadcastable to ``tokens.shape``; defaults to ``0..T-1`` along the last
+            axis of ``tokens``.
+
+    Step indexing: every position's noise is keyed by ``(seed, step)`` of that
+    position alone (and the row index, for an int seed), never by where the
+    position sits in the call. So a decode loop can draw each step's posterior
+    from that step's factual logits, holding ``O(R x V)`` noise at a time: with
+    ``seeds`` an int64 tensor ``[R]``,
+    ``posterior_noise(logits[:, t], tokens[:, t], seed=seeds, step=t)`` (or
+    ``step=`` an int64 tensor ``[R]`` when rows are at different steps) equals
+    ``posterior_noise(logits, tokens, seed=seeds[:, None])[:, t]`` bit for bit.
+    Use tensor seeds there: an int seed with ``tokens`` ``[R]`` would read the
+    ``R`` rows as positions of one sequence (refused when they share a step).
 
     Returns:
         float32 noise of ``logits``' shape, finite inside the sampler's support.
@@ -100,6 +124,10 @@ def posterior_noise(
         >>> noise = cfgen.posterior_noise(logits, tokens, seed=3)
         >>> cfgen.Sampler().sample(logits, noise).tolist()
         [1, 0]
+        >>> seeds = torch.tensor([5, 6])  # one decode step at a time gives the same noise
+        >>> full = cfgen.posterior_noise(logits[:, None], tokens[:, None], seed=seeds[:, None], step=4)
+        >>> torch.equal(full[:, 0], cfgen.posterior_noise(logits, tokens, seed=seeds, step=4))
+        True
     """
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.as_tensor(tokens)
@@ -122,77 +150,33 @@ def posterior_noise(
         )
     seeds, steps = _keys(tokens.to(logits.device), seed, step)
     m = gumbel_noise(seeds, steps, 1, stream=POSTERIOR_MAX)  # [n, 1]: the maximum, Gumbel(0, 1)
-    k1, k2 = _row_keys(seeds, steps, POSTERIOR_TRUNCATED)
+    k1, k2 = _eager.row_keys(seeds, steps, POSTERIOR_TRUNCATED)
     lib = _native.library(logits.device)
+    z = sampler.support_logits(flat_logits)
     if lib is not None:
-        z = sampler.support_logits(flat_logits)
         u, impossible = _native.posterior(lib, z, y, k1, k2, m[:, 0], fixed_point_bits(vocab))
-        if bool(impossible.any()):
-            i = int(impossible.nonzero()[0])
-            raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
-        return u.reshape(logits.shape)
-    u = torch.empty(flat_logits.shape, dtype=torch.float32, device=logits.device)
-    # Row blocks that stay in cache; every operation below is row-wise, so blocking changes no value.
-    rows = len(y) if logits.device.type != "cpu" else max(1, _BLOCK // vocab)
-    for lo in range(0, len(y), rows):
-        hi = min(lo + rows, len(y))
-        z = sampler.support_logits(flat_logits[lo:hi])
-        block, impossible = _eager_posterior(z, y[lo:hi], k1[lo:hi], k2[lo:hi], m[lo:hi, 0])
-        if bool(impossible.any()):
-            i = lo + int(impossible.nonzero()[0])
-            raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler)
-        u[lo:hi] = block
-    return u.reshape(logits.shape)
-
-
-def _eager_posterior(z, y, k1, k2, m) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of ``_native.posterior``: noise for support logits ``z`` [n, V], and impossible rows."""
-    a = log_softmax32(z)
-    a_y = a.gather(1, y[:, None])[:, 0]
-    impossible = torch.isneginf(a_y)
+    else:
+        u, impossible = _eager.posterior(z, y, k1, k2, m[:, 0])
     if bool(impossible.any()):
-        return torch.empty(0), impossible
-    u = truncated_gumbel(a, _eager_gumbel(k1, k2, z.shape[1]), m[:, None])
-    u.scatter_(1, y[:, None], (m - a_y)[:, None])
-    _ensure_argmax(a, u, y)
-    return u, impossible
-
-
-def _ensure_argmax(a: torch.Tensor, u: torch.Tensor, y: torch.Tensor) -> None:
-    """Make ``argmax(a + u) == y`` hold exactly in float32, in place.
-
-    Mathematically every competitor sits strictly below ``M``; in float32 a
-    truncated value can round onto ``M``, and ``a_y + (M - a_y)`` may round below
-    it. Lift the observed token a hair (2**-20 relative) above its best rival so
-    that a last-bit difference in ``log_softmax`` elsewhere cannot flip it.
-    """
-    rows = torch.arange(len(y), device=y.device)
-    for _ in range(64):
-        s = a + u
-        s_y = s[rows, y]
-        if s.shape[1] == 1:
-            return
-        top2 = s.topk(2, dim=-1)  # the best token other than y is the first of the top two that is not y
-        rival = torch.where(top2.indices[:, 0] == y, top2.values[:, 1], top2.values[:, 0])
-        target = rival + rival.abs().clamp(min=1.0) * 2.0**-20
-        bad = s_y < target
-        if not bool(bad.any()):
-            return
-        idx = bad.nonzero()[:, 0]
-        lifted = torch.maximum(target[idx] - a[idx, y[idx]], torch.nextafter(u[idx, y[idx]], torch.tensor(float("inf"))))
-        u[idx, y[idx]] = lifted
-    raise RuntimeError("cfgen internal error: could not make the posterior noise reproduce the observed tokens")
+        i = int(impossible.nonzero()[0])
+        given = None if step is None else int(torch.broadcast_to(torch.as_tensor(step), tokens.shape).reshape(-1)[i])
+        raise _impossible(flat_logits[i], int(y[i]), _unravel(i, tokens.shape), sampler, given)
+    return u.reshape(logits.shape)
 
 
 def _unravel(i: int, shape) -> tuple:
     return tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(shape))) if len(shape) else ()
 
 
-def _impossible(logits_row: torch.Tensor, token: int, index: tuple, sampler: Sampler) -> ImpossibleObservation:
+def _impossible(
+    logits_row: torch.Tensor, token: int, index: tuple, sampler: Sampler, step: Optional[int] = None
+) -> ImpossibleObservation:
     z = logits_row.float()
     rank = int((z > z[token]).sum()) + 1
     p = float(torch.softmax(z / (sampler.temperature or 1.0), -1)[token])
-    if not index:
+    if step is not None:  # the caller numbered the steps (e.g. one decode step of R rows)
+        where = f"step {step}" + (f" (index {index} of tokens)" if index else "")
+    elif not index:
         where = "the single observed position"
     else:
         where = f"step {index[-1]}" + (f" of batch row {index[:-1] if len(index) > 2 else index[0]}" if len(index) > 1 else "")

@@ -233,3 +233,118 @@ def test_without_a_compiler_falls_back_to_eager_with_one_warning(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "True", "True", "True"], out.stdout + out.stderr
+
+
+# ---- the fast eager kernels (cfgen/_eager.py) against _ieee's whole-tensor formulas, bit for bit
+
+
+def _reference_posterior(z, y, k1, k2, m):
+    """The posterior as _ieee states it, whole tensors at once (the eager path before blocking)."""
+    from cfgen import _eager
+
+    a = _ieee.log_softmax32(z)
+    a_y = a.gather(1, y[:, None])[:, 0]
+    g = _ieee.gumbel_from_bits(_eager.bits(k1, k2, torch.arange(z.shape[1])))
+    u = _ieee.truncated_gumbel(a, g, m[:, None])
+    u.scatter_(1, y[:, None], (m - a_y)[:, None])
+    _eager.ensure_argmax(a, u, y)
+    return u
+
+
+def _keys(n, stream=0):
+    from cfgen import _eager
+
+    seeds = torch.cat([torch.tensor([0, 1, -1, 2**40 + 3, 2**63 - 1]), torch.arange(n) * 7919])
+    return _eager.row_keys(seeds, seeds % 101, stream)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 63, 64, 65, 1031, 49152])
+def test_eager_gumbel_equals_reference_formula(vocab):
+    from cfgen import _eager
+
+    k1, k2 = _keys(11)
+    ref = _ieee.gumbel_from_bits(_eager.bits(k1, k2, torch.arange(vocab)))
+    assert torch.equal(_eager.gumbel(k1, k2, vocab), ref)
+
+
+def test_eager_int32_hash_equals_int64_hash_and_block_size_changes_nothing(monkeypatch):
+    # the int32 lanes wrap modulo 2**32 here (else the int64 fallback runs); both give the pinned bits
+    from cfgen import _eager
+
+    assert _eager._int32_wraps("cpu")
+    k1, k2 = _keys(40)
+    fast = _eager.gumbel(k1, k2, 3001)
+    monkeypatch.setattr(_eager, "_int32_wraps", lambda device_type: False)
+    assert torch.equal(_eager.gumbel(k1, k2, 3001), fast)
+    monkeypatch.setattr(_eager, "_BLOCK", 3001 * 3)  # ragged last block of 3 rows
+    assert torch.equal(_eager.gumbel(k1, k2, 3001), fast)
+
+
+def test_eager_exp32_and_log_softmax_edge_cases():
+    from cfgen import _eager
+
+    x = torch.tensor([0.0, -0.0, -1e-30, -1e-7, -0.5, -1.0, -85.99, -86.0, -86.00001, -87.0, -1e30, float("-inf")])
+    x = torch.cat([x, -torch.rand(5000, generator=torch.Generator().manual_seed(9)) * 100])[None]
+    w = _eager._Work(x.shape, "cpu")
+    out = torch.empty_like(x)
+    _eager._exp32_(x, out, w.f[0], w.f[1], w.i[0])
+    assert torch.equal(out, _ieee.exp32(x))
+    z = torch.randn(6, 777, generator=torch.Generator().manual_seed(10)) * 30
+    z[1, 1:] = float("-inf")  # one token in the support
+    z[2, ::3] = float("-inf")
+    z[3] = 0.0  # all tied
+    z[4, :5] = 1e4
+    assert torch.equal(_eager.log_softmax(z), _ieee.log_softmax32(z))
+    assert torch.equal(_eager.log_softmax(z.reshape(2, 3, 777)), _ieee.log_softmax32(z).reshape(2, 3, 777))
+
+
+def test_eager_truncated_equals_reference_across_regions():
+    # z = a + g - m on both sides of the tail boundary -9 (exactly -9 included), above 0, and a = -inf
+    from cfgen import _eager
+
+    gen = torch.Generator().manual_seed(11)
+    n = 4096
+    g = _eager.gumbel(*_keys(3), n)[:4]
+    m = torch.tensor([[0.0], [1.5], [-2.0], [7.0]])
+    a = torch.empty(4, n).uniform_(-40.0, 0.0, generator=gen)
+    a[:, :64] = (-9.0 + m - g[:, :64])  # z lands on or next to the boundary
+    a[:, 64:128] = (m - g[:, 64:128]) + torch.linspace(-9.5, 3.0, 64)
+    a[:, 128:160] = float("-inf")
+    w = _eager._Work(a.shape, "cpu")
+    got = g.clone()
+    _eager._truncated_(a, got, m, w)
+    assert torch.equal(got, _ieee.truncated_gumbel(a, g, m))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.describe())
+def test_eager_posterior_equals_reference_formula(sampler, monkeypatch):
+    from cfgen import _eager
+
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(9, 2053, generator=gen) * 6
+    logits[0] = 0.0
+    logits[1, :1000] = -1e4
+    z = sampler.support_logits(logits)
+    y = sampler.sample(logits, cfgen.gumbel_noise(torch.arange(9), 3, 2053))
+    k1, k2 = _keys(4, stream=2)
+    m = torch.randn(9, generator=gen)
+    ref = _reference_posterior(z, y, k1, k2, m)
+    assert torch.equal(_eager.posterior(z, y, k1, k2, m)[0], ref)
+    monkeypatch.setattr(_eager, "_BLOCK", 2053 * 2)
+    assert torch.equal(_eager.posterior(z, y, k1, k2, m)[0], ref)
+
+
+@needs_native
+@pytest.mark.parametrize("sampler", SAMPLERS[:4], ids=lambda s: s.describe())
+def test_native_posterior_bit_identical_to_eager_at_bench_vocabulary(monkeypatch, sampler):
+    # the benchmark's vocabulary (49152) with model-like and extreme logits: 2 rows x 12 steps
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 12, 49152, generator=gen) * 3
+    logits[0, :4] = torch.randn(4, 49152, generator=gen) * 15
+    logits[1, :2] = (torch.rand(2, 49152, generator=gen) * 2 - 1) * 1e4
+    tokens = sampler.sample(logits, cfgen.gumbel_noise(torch.arange(24), 0, 49152).reshape(2, 12, 49152))
+    seeds = torch.tensor([[5], [2**40]])
+    eager = _with(monkeypatch, "eager", lambda: cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds))
+    native = _with(monkeypatch, "native", lambda: cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds))
+    assert torch.equal(eager, native)
+    assert torch.equal(sampler.sample(logits, eager), tokens)

@@ -88,3 +88,66 @@ def test_cpu_and_cuda_bit_identical():
 def test_bad_input(args, match):
     with pytest.raises((TypeError, ValueError), match=match):
         cfgen.gumbel_noise(*args)
+
+
+def _cfgen_imports(path) -> set:
+    """The cfgen modules a source file imports, at top level or inside functions (lazy imports count)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:  # from .x import y
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:  # from . import x, y
+                found.update(alias.name for alias in node.names)
+            elif node.level == 0 and node.module and node.module.split(".")[0] == "cfgen":
+                parts = node.module.split(".")
+                found.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "cfgen" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+def test_pure_modules_have_no_import_circle():
+    # noise -> sampler -> posterior are pure tensor code with no import circle (DESIGN §2), lazy imports included
+    from pathlib import Path
+
+    root = Path(cfgen.__file__).parent
+    modules = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {m: _cfgen_imports(root / f"{m}.py") & modules for m in modules}
+    pure = ["noise", "sampler", "posterior", "_eager", "_ieee", "_native"]
+    assert set(pure) <= modules
+    reach, todo = set(), list(pure)
+    while todo:
+        m = todo.pop()
+        if m not in reach:
+            reach.add(m)
+            todo.extend(graph[m])
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m] & reach):
+            if state.get(n) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(reach):
+        if m not in state:
+            visit(m, [m])
+    # nothing pure imports model or tokenizer glue
+    assert not reach & {"api", "decode", "hook", "tokens", "structured"}, reach
+    assert "_eager" in graph["_native"] and "_native" not in graph["_eager"] and graph["_eager"] <= {"_ieee"}
+
+
+def test_import_graph_parser_sees_a_circle(tmp_path):
+    # the parser behind the test above: lazy, relative and absolute forms all count
+    src = tmp_path / "m.py"
+    src.write_text("from . import a, b\nfrom .c import x\nimport cfgen.d\nfrom cfgen import e\ndef f():\n    from .g import h\n")
+    assert _cfgen_imports(src) == {"a", "b", "c", "d", "e", "g"}

@@ -130,3 +130,94 @@ def test_scalar_observation():
     assert noise.shape == (3,) and int(cfgen.Sampler().sample(logits, noise)) == 1
     with pytest.raises(cfgen.ImpossibleObservation, match="single observed position"):
         cfgen.posterior_noise(logits, torch.tensor(2), sampler=cfgen.Sampler(top_k=1))
+
+
+def _with_backend(monkeypatch, backend, fn):
+    monkeypatch.setenv("CFGEN_BACKEND", backend)
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv("CFGEN_BACKEND")
+
+
+@pytest.mark.parametrize("backend", ["native", "eager"])
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.describe())
+def test_per_step_calls_stack_to_the_all_at_once_noise(monkeypatch, backend, sampler):
+    # streaming hindsight: one [R, V] call per decode step gives the [R, T, V] call's bits
+    from cfgen import _native
+
+    if backend == "native" and _native.library() is None:
+        pytest.skip("native kernels unavailable (no C compiler)")
+    g = torch.Generator().manual_seed(21)
+    R, T, V = 3, 7, 301
+    logits = torch.randn(R, T, V, generator=g) * 4
+    tokens = observed_tokens(sampler, logits, seed=2)
+    seeds = torch.tensor([9, 2**40 + 1, -4])
+
+    def run():
+        full = cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds[:, None])
+        per = torch.stack(
+            [cfgen.posterior_noise(logits[:, t], tokens[:, t], sampler=sampler, seed=seeds, step=t) for t in range(T)],
+            dim=1,
+        )
+        # rows at different steps (e.g. resumed decoding): step as an int64 tensor [R]
+        offset = torch.tensor([0, 5, 11])
+        full_off = cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds[:, None],
+                                         step=offset[:, None] + torch.arange(T))
+        per_off = torch.stack(
+            [cfgen.posterior_noise(logits[:, t], tokens[:, t], sampler=sampler, seed=seeds, step=offset + t)
+             for t in range(T)],
+            dim=1,
+        )
+        return full, per, full_off, per_off
+
+    full, per, full_off, per_off = _with_backend(monkeypatch, backend, run)
+    assert torch.equal(per, full)
+    assert torch.equal(per_off, full_off)
+    assert torch.equal(full_off[0], full[0]) and not torch.equal(full_off[1], full[1])
+    assert torch.equal(sampler.sample(logits, per), tokens)
+
+
+def test_per_step_with_an_int_seed_is_refused_not_silently_correlated():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(22))
+    tokens = logits.argmax(-1)
+    with pytest.raises(ValueError, match="one seed per row"):
+        cfgen.posterior_noise(logits, tokens, seed=4, step=2)
+    # a single sequence with explicit distinct steps is fine, and equals the default numbering shifted
+    one = cfgen.posterior_noise(logits, tokens, seed=4, step=torch.arange(3) + 10)
+    assert torch.equal(one[1:], cfgen.posterior_noise(logits[1:], tokens[1:], seed=4, step=torch.arange(2) + 11))
+
+
+@pytest.mark.parametrize(
+    "step, err, match",
+    [(1.5, TypeError, "step must be an int"), (True, TypeError, "step must be an int"),
+     (torch.tensor([0.0, 1.0]), TypeError, "integers"), (torch.arange(3), ValueError, "broadcast")],
+)
+def test_bad_step(step, err, match):
+    logits = torch.zeros(2, 5)
+    with pytest.raises(err, match=match):
+        cfgen.posterior_noise(logits, torch.zeros(2, dtype=torch.long), seed=torch.tensor([1, 2]), step=step)
+
+
+def test_impossible_observation_in_a_per_step_call_names_the_given_step_and_row():
+    logits = torch.zeros(3, 10)
+    logits[:, 0] = 5.0
+    tokens = torch.tensor([0, 0, 7])
+    with pytest.raises(cfgen.ImpossibleObservation, match=r"token 7 at step 12 \(index \(2,\) of tokens\)") as err:
+        cfgen.posterior_noise(logits, tokens, sampler=cfgen.Sampler(top_k=1), seed=torch.arange(3), step=12)
+    assert err.value.index == (2,) and err.value.token == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("sampler", SAMPLERS[:3], ids=lambda s: s.describe())
+def test_cpu_and_cuda_posterior_bit_identical(sampler):
+    # the eager kernels on the GPU give the CPU's bits (native or eager), at the benchmark's vocabulary
+    # (not top-p: its support follows HF's per-device cumulative sum, by design)
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(2, 6, 49152, generator=g) * 4
+    tokens = observed_tokens(sampler, logits, seed=1)
+    seeds = torch.tensor([[3], [4]])
+    cpu = cfgen.posterior_noise(logits, tokens, sampler=sampler, seed=seeds)
+    gpu = cfgen.posterior_noise(logits.cuda(), tokens.cuda(), sampler=sampler, seed=seeds.cuda())
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(sampler.log_probs(logits.cuda()).cpu(), sampler.log_probs(logits))
