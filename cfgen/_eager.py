@@ -98,8 +98,10 @@ def _absorb(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def row_keys(seeds: torch.Tensor, steps: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two 32-bit row keys (int64 in [0, 2**32)) of each (seed, step) under ``stream``."""
-    key = _absorb(torch.full_like(seeds, stream & _M32), seeds & _M32)
+    key = _absorb(torch.zeros_like(seeds), seeds & _M32)
     key = _absorb(key, (seeds >> 32) & _M32)
+    if stream:  # absorbed on its own, after the seed: (seed s, stream k) must not alias (seed s + k, stream 0)
+        key = _absorb(key, torch.full_like(key, stream & _M32))
     key = _absorb(key, steps & _M32)
     key = _absorb(key, (steps >> 32) & _M32)
     return key, _absorb(key, torch.full_like(key, 0x5BD1E995 & 0x7FFFFFFF))

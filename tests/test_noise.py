@@ -151,3 +151,21 @@ def test_import_graph_parser_sees_a_circle(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("from . import a, b\nfrom .c import x\nimport cfgen.d\nfrom cfgen import e\ndef f():\n    from .g import h\n")
     assert _cfgen_imports(src) == {"a", "b", "c", "d", "e", "g"}
+
+
+def test_streams_do_not_alias_neighbouring_seeds():
+    """Stream k of seed s shares no noise with stream 0 (or another stream) of seed s + j.
+
+    Before the stream was absorbed on its own, (s, stream k) hashed exactly like (s + k, stream 0): the
+    interventional baseline of seed 0 replayed the prior noise of seed 4, and posterior draw j shared its
+    auxiliary Gumbels with draw j + 1.
+    """
+    from cfgen.noise import ALTERNATIVE, POSTERIOR_MAX, POSTERIOR_TRUNCATED, PRIOR
+
+    streams = (PRIOR, POSTERIOR_MAX, POSTERIOR_TRUNCATED, ALTERNATIVE, 4)
+    table = {(k, s): cfgen.gumbel_noise(s, 5, 64, stream=k)[0] for k in streams for s in range(12)}
+    items = list(table.items())
+    for i, (a, x) in enumerate(items):
+        for b, y in items[i + 1:]:
+            assert not torch.equal(x, y), (a, b)
+    assert torch.equal(cfgen.gumbel_noise(3, 5, 64)[0], table[(PRIOR, 3)])  # stream 0 is what it always was
