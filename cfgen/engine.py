@@ -1,0 +1,879 @@
+"""The one engine under every front-end: request -> rows -> runner -> decode loop -> tokens.
+
+``cfgen.generate`` / ``cfgen.counterfactual`` (:mod:`cfgen.api`), ``do`` /
+``edit_prompt`` / ``sample`` (:mod:`cfgen.tokens`) and structured records
+(:mod:`cfgen.structured`) are thin front-ends over this module and import
+nothing private from each other. Its names are public within the package (not
+part of cfgen's stable user contract); docs/architecture.md shows the flow.
+
+* **Models** -- :func:`resolve_models`, :func:`resolve_tokenizer`,
+  :func:`resolve_sampler`, :func:`hf_model`, :func:`vocab_size`.
+* **Inputs** -- :func:`as_list`, :func:`encode`, :func:`seeds_for`,
+  :func:`check_ids`, :func:`check_context`, :func:`eos_ids`, :func:`stop_fn`,
+  :func:`pad_id`.
+* **Rows** -- :class:`Rows`: one entry per decoded sequence (context, prompt
+  length, seed, noise stream, budget, step offset, posterior noise).
+* **Runners** -- :class:`PlainRunner` (a Hugging Face causal LM) and
+  :class:`PyveneRunner` (an ``IntervenableModel``, pyvene's arguments applied to
+  intervened rows at scheduled positions); :func:`pyvene_runner` builds one from
+  the user's pyvene arguments (:class:`Intervention`).
+* **Decode** -- :class:`KVBatch` (a KV-cached batch whose rows can be fed
+  different numbers of tokens), :func:`decode` (one loop driven by a *program*:
+  :class:`FreeRun` samples every row at every step until EOS / stop / budget;
+  structured records drive the same loop with forced label tokens),
+  :func:`row_noise` (each sampled row's noise: prior by (seed, step, stream) or
+  its posterior), :func:`run` (rows + models -> tokens, finish reasons, schedule).
+* **Teacher forcing** -- :func:`teacher_forced_logits`.
+
+Hooks for later work: a program decides per step which rows sample and what
+each row is fed next, so per-row logits processors slot in between
+:meth:`KVBatch.logits` and the sampler (see ``decode``), and :func:`run` is the
+single place to take a per-call lock or record provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from .noise import PRIOR, gumbel_noise
+from .sampler import Sampler, check_logits
+
+__all__ = [
+    "INTERVENTIONAL", "Models", "resolve_models", "resolve_tokenizer", "resolve_sampler", "is_intervenable",
+    "hf_model", "vocab_size", "as_list", "encode", "pad_id", "seeds_for", "check_ids", "check_context", "eos_ids",
+    "stop_fn", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner", "pyvene_runner", "left_pad",
+    "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "teacher_forced_logits",
+]
+
+INTERVENTIONAL = 4  # noise stream of the interventional baseline (fresh noise, same seed)
+
+Schedule = Union[str, Sequence[int]]
+
+
+# ---------------------------------------------------------------- models --
+def is_intervenable(obj) -> bool:
+    """Whether ``obj`` is a ``pyvene.IntervenableModel`` (checked by name: importing pyvene costs seconds)."""
+    return type(obj).__name__ == "IntervenableModel" and hasattr(obj, "interventions")
+
+
+def hf_model(obj):
+    """The Hugging Face model: ``obj`` itself, or the model an IntervenableModel wraps."""
+    return obj.model if is_intervenable(obj) else obj
+
+
+def vocab_size(model) -> int:
+    """The number of output logits (the output embedding's rows, else ``config.vocab_size``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return head.weight.shape[0]
+    return model.config.vocab_size
+
+
+@dataclass
+class Models:
+    """The factual model, the counterfactual model, and whether factual rows ride in the intervenable's batch."""
+
+    factual: Any  # HF model
+    counterfactual: Any  # HF model or IntervenableModel
+    shared: bool
+
+    @property
+    def device(self):
+        return next(hf_model(self.factual).parameters()).device
+
+
+def resolve_models(model) -> Models:
+    """An IntervenableModel or a (factual, counterfactual) pair -> :class:`Models`; anything else a TypeError."""
+    if isinstance(model, (tuple, list)):
+        if len(model) != 2:
+            raise ValueError(f"a model pair must be (factual_model, counterfactual_model), got {len(model)} items")
+        fact, cf = model
+        if is_intervenable(fact):
+            raise TypeError("the factual model of a pair must be a plain Hugging Face model (no interventions)")
+        check_hf(fact)
+        va, vb = vocab_size(fact), vocab_size(hf_model(cf))
+        if va != vb:
+            raise ValueError(
+                f"the factual model has {va} output logits and the counterfactual model {vb}: noise is keyed by "
+                "token id, so both models must share one vocabulary (use the same tokenizer family)"
+            )
+        return Models(fact, cf, shared=False)
+    if is_intervenable(model):
+        check_hf(model.model)
+        return Models(model.model, model, shared=True)
+    raise TypeError(
+        f"model must be a pyvene.IntervenableModel or a (factual_model, counterfactual_model) pair, got "
+        f"{type(model).__name__}. Wrap a plain model with pyvene.IntervenableModel(config, model), or pass "
+        "(model, edited_model) for weight edits and model swaps."
+    )
+
+
+def check_hf(model) -> None:
+    """Refuse, in one line, a model that is not a Hugging Face causal LM (e.g. pyvene's own GRU)."""
+    if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(
+            f"cfgen decodes Hugging Face causal language models; the wrapped model is a {type(model).__name__}, "
+            "which has no token-by-token decoding interface (input_ids, attention_mask, KV cache)"
+        )
+
+
+def resolve_tokenizer(tokenizer):
+    """One tokenizer; a pair must share one vocabulary."""
+    if isinstance(tokenizer, (tuple, list)):
+        a, b = tokenizer
+        if a.get_vocab() != b.get_vocab():
+            raise ValueError(
+                "the factual and counterfactual tokenizers differ: noise is keyed by token id, so counterfactual "
+                "text is only defined for models sharing one tokenizer"
+            )
+        return a
+    return tokenizer
+
+
+def resolve_sampler(sampler, model, hf_kwargs: dict) -> tuple[Sampler, Optional[int]]:
+    """(sampler, seed of the model's CounterfactualSampling site or None) from ``sampler=`` or HF-style kwargs."""
+    from_site = None
+    if is_intervenable(model):
+        sites = [iv for iv in model.interventions.values() if type(iv).__name__ == "CounterfactualSampling"]
+        if sites:
+            from_site = sites[0]
+    if hf_kwargs:
+        unknown = set(hf_kwargs) - {"temperature", "top_k", "top_p", "do_sample"}
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        if sampler is not None:
+            raise TypeError("pass either sampler= or HF-style temperature / top_k / top_p / do_sample, not both")
+        if hf_kwargs.get("do_sample", True) is False:
+            sampler = Sampler(temperature=0.0)
+        else:
+            sampler = Sampler(hf_kwargs.get("temperature", 1.0), hf_kwargs.get("top_k"), hf_kwargs.get("top_p"))
+    if sampler is None:
+        sampler = from_site.sampler if from_site is not None else Sampler()
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a cfgen.Sampler, got {type(sampler).__name__}")
+    return sampler, (from_site.seed if from_site is not None else None)
+
+
+# --------------------------------------------------------------- inputs --
+def as_list(x, name: str) -> list:
+    """A prompt or a list of prompts -> a list (strings or token-id lists)."""
+    if isinstance(x, str) or (isinstance(x, Sequence) and x and isinstance(x[0], int)):
+        return [x]
+    if isinstance(x, torch.Tensor):
+        return [x.tolist()] if x.dim() == 1 else x.tolist()
+    if not isinstance(x, Sequence) or isinstance(x, dict):
+        raise TypeError(f"{name} must be a string, a list of token ids, or a list of either")
+    return list(x)
+
+
+def encode(tokenizer, texts: list, name: str, *, special: bool) -> list[list[int]]:
+    """Tokenize strings once (token-id lists pass through); empty inputs are refused."""
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, str):
+            if not t:
+                raise ValueError(f"{name}[{i}] is empty: give at least one token of text")
+            ids = tokenizer(t, add_special_tokens=special)["input_ids"]
+        else:
+            ids = [int(v) for v in t]
+        if not ids:
+            raise ValueError(f"{name}[{i}] has no tokens")
+        out.append(ids)
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else 0 (padding is always masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def seeds_for(seed, n: int) -> list[int]:
+    """One seed per prompt from an int or a list."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [seed] * n
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"seed has {len(seeds)} values for {n} prompts; give one int or one per prompt")
+    return seeds
+
+
+def check_ids(model, seqs: list[list[int]], name: str) -> None:
+    """Every token id inside the model's vocabulary."""
+    vocab = vocab_size(model)
+    for i, ids in enumerate(seqs):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"{name}[{i}] holds token id(s) {bad[:5]} outside the model's vocabulary [0, {vocab}): "
+                "the tokenizer does not belong to this model"
+            )
+
+
+def check_context(model, prompt_ids: list[list[int]], max_new: list[int]) -> None:
+    """Prompt plus new tokens within the model's context length."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not limit:
+        return
+    for i, (p, m) in enumerate(zip(prompt_ids, max_new)):
+        if len(p) + m > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens and asks for {m} new ones, past the model's context length "
+                f"{limit}; shorten the prompt or lower max_new_tokens"
+            )
+
+
+def stop_fn(tokenizer, stop_strings) -> Optional[Callable[[list[int]], bool]]:
+    """A test on a row's new tokens: does their text contain a stop string?"""
+    if not stop_strings:
+        return None
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+
+    def stop(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-16:], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    return stop
+
+
+def eos_ids(tokenizer, model, eos_token_id) -> list[int]:
+    """EOS ids: the override, else the model's generation config, else the tokenizer's."""
+    if eos_token_id is not None:
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+# ---------------------------------------------------------------- rows --
+@dataclass
+class Rows:
+    """What each decoded row is (all lists have one entry per row).
+
+    ``posterior[r]`` is ``[T_r, V]`` noise for the row's first ``T_r`` sampled
+    steps (counted from ``step_offset[r]``); later steps use prior noise.
+    """
+
+    context: list[list[int]]
+    prompt_len: list[int]
+    seed: list[int]
+    max_new: list[int]
+    step_offset: list[int] = field(default_factory=list)
+    stream: list[int] = field(default_factory=list)
+    intervene: list[bool] = field(default_factory=list)
+    posterior: list[Optional[torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.context)
+        self.step_offset = self.step_offset or [0] * n
+        self.stream = self.stream or [PRIOR] * n
+        self.intervene = self.intervene or [False] * n
+        self.posterior = self.posterior or [None] * n
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    def select(self, idx: Sequence[int]) -> Rows:
+        return Rows(**{k: [getattr(self, k)[i] for i in idx] for k in self.__dataclass_fields__})
+
+
+@dataclass
+class Intervention:
+    """The user's pyvene arguments for one call (all None: no activation intervention)."""
+
+    sources: Any = None
+    unit_locations: Any = None
+    source_representations: Any = None
+    subspaces: Any = None
+    intervene_on: Any = None
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.sources, self.unit_locations, self.source_representations,
+                                           self.subspaces, self.intervene_on))
+
+
+# -------------------------------------------------------------- runners --
+def _scheduled(schedule: Schedule, abs_pos: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """Which absolute positions a schedule intervenes on (bool, abs_pos' shape)."""
+    if schedule == "prompt":
+        return abs_pos < prompt_len
+    if schedule == "generation":  # positions whose output predicts a generated token
+        return abs_pos >= prompt_len - 1
+    if schedule == "all":
+        return torch.ones_like(abs_pos, dtype=torch.bool)
+    wanted = torch.as_tensor(list(schedule), dtype=abs_pos.dtype, device=abs_pos.device)
+    return (abs_pos[..., None] == wanted).any(-1)
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Forward:
+    """How to call a Hugging Face model: its cache keyword (transformers 5 renamed ``past_key_values`` to
+    ``cache``; the old name prints a deprecation warning) and whether it keeps only the last logits."""
+
+    def __init__(self, model):
+        self.cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.keep = _accepts(model, "logits_to_keep")
+
+    def kwargs(self, cache, keep: int) -> dict:
+        # logits_to_keep: the prefill then skips V x d work per prompt position.
+        out = {"use_cache": True, **({"logits_to_keep": keep} if self.keep else {})}
+        if cache is not None:
+            out[self.cache_kw] = cache
+        return out
+
+    def cache_of(self, out):
+        return out["cache"] if "cache" in out.keys() else out["past_key_values"]
+
+
+class PlainRunner:
+    """A Hugging Face causal LM, no interventions.
+
+    Called as ``runner(ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill, keep)``; returns the
+    logits of the last ``keep`` positions ``[n, keep, V]`` and the cache.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.fwd = _Forward(model)
+
+    def __call__(self, ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill, keep=1):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **self.fwd.kwargs(cache, keep))
+        return out.logits[:, -keep:], self.fwd.cache_of(out)
+
+    @contextlib.contextmanager
+    def active(self):
+        yield self
+
+
+class PyveneRunner:
+    """An ``IntervenableModel``; interventions act on intervened rows at scheduled positions only.
+
+    Args:
+        intervenable: the pyvene model.
+        schedule: ``"prompt"``, ``"generation"``, ``"all"`` or absolute positions.
+        base_locations: per intervention, per row, prompt positions (user ``unit_locations``),
+            or None to intervene wherever the schedule says.
+        sources: per pyvene group, a dict of padded source inputs ``[R, S]`` (prefill only).
+        source_locations: per intervention, per row, padded source positions.
+        source_representations: per intervention key, ``[R, d]`` tensors.
+        subspaces: pyvene's subspaces, per intervention, per row.
+        passive: intervention keys that are markers (never intervene).
+    """
+
+    def __init__(self, intervenable, *, schedule: Schedule = "all", base_locations=None, sources=None,
+                 source_locations=None, source_representations=None, subspaces=None, passive=()):
+        self.pv = intervenable
+        self.schedule = schedule
+        self.base_locations = base_locations
+        self.sources = sources
+        self.source_locations = source_locations
+        self.source_representations = source_representations
+        self.subspaces = subspaces
+        self.keys = list(intervenable.sorted_keys)
+        self.passive = set(passive)
+        self.fwd = _Forward(intervenable.model)
+        self._masks: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        """Patch each intervention's forward so unscheduled (row, unit) pairs keep their base value."""
+        saved = {}
+        for key in self.keys:
+            iv = self.pv.interventions[key]
+            saved[key] = iv.__dict__.get("forward")
+            iv.forward = self._masked_forward(key, iv.forward)
+        try:
+            yield self
+        finally:
+            for key, fwd in saved.items():
+                iv = self.pv.interventions[key]
+                if fwd is None:
+                    del iv.forward
+                else:
+                    iv.forward = fwd
+
+    masked = active
+
+    def _masked_forward(self, key: str, forward: Callable):
+        def run(base, source=None, subspaces=None, **kwargs):
+            mask = self._masks.get(key)
+            if mask is None:
+                return forward(base, source, subspaces, **kwargs)
+            kept = base.clone()  # some pyvene interventions (e.g. AdditionIntervention) write into base
+            out = forward(base, source, subspaces, **kwargs)
+            tensor = getattr(out, "output", out)
+            k = mask.shape[1]
+            if tensor.dim() == 3 and tensor.shape[1] == k:
+                m = mask[:, :, None]
+            elif tensor.dim() == 2 and tensor.shape[1] % k == 0:
+                m = mask.repeat_interleave(tensor.shape[1] // k, dim=1)
+            else:
+                m = mask.any(1).reshape((-1,) + (1,) * (tensor.dim() - 1))
+            merged = torch.where(m, tensor, kept.to(tensor.dtype))
+            if tensor is out:
+                return merged
+            out.output = merged
+            return out
+
+        return run
+
+    def __call__(self, ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill, keep=1):
+        n, k = ids.shape
+        intervene = torch.tensor(rows.intervene, device=ids.device)[:, None]
+        base_locs, sources, source_locs, reps = [], None, None, None
+        for i, key in enumerate(self.keys):
+            if key in self.passive:  # the logits' last position (the only one kept, where supported)
+                locs = torch.full((n, 1), 0 if self.fwd.keep else k - 1, device=ids.device)
+                self._masks[key] = torch.zeros(n, 1, dtype=torch.bool, device=ids.device)
+            elif self.base_locations is not None:
+                if prefill:
+                    pad = k - (abs_pos >= 0).sum(1, keepdim=True)
+                    locs = torch.as_tensor(self.base_locations[i], device=ids.device) + pad
+                    self._masks[key] = intervene.expand_as(locs).clone()
+                else:
+                    locs = torch.zeros(n, 1, dtype=torch.long, device=ids.device)
+                    self._masks[key] = torch.zeros(n, 1, dtype=torch.bool, device=ids.device)
+            else:
+                locs = torch.arange(k, device=ids.device).expand(n, k)
+                real = abs_pos >= 0
+                self._masks[key] = intervene & real & _scheduled(self.schedule, abs_pos, prompt_len[:, None])
+            base_locs.append(locs.tolist())
+        if prefill and self.sources is not None:
+            sources, source_locs = self.sources, self.source_locations
+        if self.source_representations is not None:
+            reps = {key: rep[:, None, :].expand(n, len(base_locs[i][0]), rep.shape[-1])
+                    for i, key in enumerate(self.keys) if (rep := self.source_representations.get(key)) is not None}
+        unit_locations = {"sources->base": (source_locs if sources is not None else None, base_locs)}
+        base = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **self.fwd.kwargs(cache, keep)}
+        _, out = self.pv(base, sources=sources, unit_locations=unit_locations, source_representations=reps,
+                         subspaces=self.subspaces)
+        return out.logits[:, -keep:], self.fwd.cache_of(out)
+
+
+def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):] = torch.tensor(s, device=device)
+            mask[r, width - len(s):] = 1
+    return ids, mask
+
+
+def _list_depth(x) -> int:
+    d = 0
+    while isinstance(x, (list, tuple)) and x:
+        x, d = x[0], d + 1
+    return d
+
+
+def _locations(unit_locations, n_interventions: int, n_prompts: int):
+    """pyvene's unit_locations forms -> (source, base), each None or [intervention][prompt][units]."""
+    if unit_locations is None:
+        return None, None
+    if not isinstance(unit_locations, dict) or len(unit_locations) != 1:
+        raise ValueError('unit_locations must be a dict with one key, "sources->base" or "base", as in pyvene')
+    (key, value), = unit_locations.items()
+    if key not in ("sources->base", "base"):
+        raise ValueError(f'unknown unit_locations key {key!r}; use "sources->base" or "base"')
+
+    def full(v):
+        if v is None:
+            return None
+        if isinstance(v, int):
+            v = [v]
+        depth = _list_depth(v)
+        if depth == 1:
+            return [[list(v)] * n_prompts] * n_interventions
+        if depth == 2:
+            return [list(map(list, v))] * n_interventions
+        if depth == 3:
+            return [list(map(list, per)) for per in v]
+        raise ValueError(f"cannot read unit_locations {v!r}; see pyvene's documentation of unit_locations")
+
+    if key == "base":
+        src, base = None, value
+    elif isinstance(value, tuple) and len(value) == 2:  # (source positions, base positions)
+        src, base = value
+    else:  # the same positions in source and base
+        src = base = value
+    src, base = full(src), full(base)
+    for name, locs in (("source", src), ("base", base)):
+        if locs is None:
+            continue
+        if len(locs) != n_interventions:
+            raise ValueError(f"unit_locations give {len(locs)} interventions' {name} positions; "
+                             f"the model has {n_interventions}")
+        for per in locs:
+            if len(per) not in (1, n_prompts):
+                raise ValueError(f"unit_locations give {len(per)} rows of {name} positions for {n_prompts} prompts")
+    return src, base
+
+
+def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[int]], intervention: Intervention,
+                  device) -> tuple[PyveneRunner, Schedule]:
+    """Read the user's pyvene arguments (positions count from each prompt's first token) into a runner.
+
+    ``rows_prompt[r]`` is the prompt index of the runner's row ``r``.
+    """
+    n_prompts = len(prompt_ids)
+    sources, unit_locations = intervention.sources, intervention.unit_locations
+    source_representations, subspaces = intervention.source_representations, intervention.subspaces
+    intervene_on = intervention.intervene_on
+    keys = list(pv.sorted_keys)
+    passive = [k for k in keys if type(pv.interventions[k]).__name__ == "CounterfactualSampling"]
+    active = [k for k in keys if k not in passive]
+    if unit_locations is None and sources is not None:
+        raise ValueError(
+            "sources were given without unit_locations: an interchange needs to know which source positions "
+            'go to which base positions, e.g. unit_locations={"sources->base": (4, 4)} (positions count from '
+            "each prompt's first token)"
+        )
+    if unit_locations is not None and intervene_on not in (None, "prompt"):
+        raise ValueError(
+            f"unit_locations fix the prompt positions to intervene on; intervene_on={intervene_on!r} cannot apply "
+            "as well. For steering at generated tokens give source_representations or a constant-source "
+            "intervention and intervene_on='generation' or 'all' without unit_locations"
+        )
+    schedule = intervene_on or ("prompt" if unit_locations is not None else "all")
+    if isinstance(schedule, str):
+        if schedule not in ("prompt", "generation", "all"):
+            raise ValueError(f"intervene_on={schedule!r}: use 'prompt', 'generation', 'all' or a list of positions")
+    else:
+        schedule = [int(p) for p in schedule]
+        if any(p < 0 for p in schedule):
+            raise ValueError("intervene_on positions count from each prompt's first token and must be >= 0")
+
+    src, base = _locations(unit_locations, len(active), n_prompts)
+
+    def per_row(locs):  # [prompt or one for all][units] -> [row][units]
+        return [locs[p if len(locs) > 1 else 0] for p in rows_prompt]
+
+    base_locations = src_locations = None
+    if base is not None:
+        for i, per in enumerate(base):
+            for p in range(n_prompts):
+                locs = per[p if len(per) > 1 else 0]
+                bad = [q for q in locs if not 0 <= q < len(prompt_ids[p])]
+                if bad:
+                    raise ValueError(
+                        f"unit_locations position(s) {bad} for intervention {i} lie outside prompt {p}, which has "
+                        f"{len(prompt_ids[p])} tokens (positions count from 0 at the prompt's first token)"
+                    )
+        by_key = dict(zip(active, base))
+        base_locations = [per_row(by_key[k]) if k in by_key else [[0]] * len(rows_prompt) for k in keys]
+
+    src_inputs = None
+    if sources is not None:
+        src_list = as_list(sources, "sources")
+        if len(src_list) == 1:
+            src_list = src_list * n_prompts
+        if len(src_list) != n_prompts:
+            raise ValueError(f"{len(src_list)} sources for {n_prompts} prompts; give one per prompt or one for all")
+        src_ids = encode(tokenizer, src_list, "sources", special=True)
+        rows_src = [src_ids[p] for p in rows_prompt]
+        ids, mask = left_pad(rows_src, pad_id(tokenizer), device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        src_inputs = [{"input_ids": ids, "attention_mask": mask, "position_ids": pos}] * len(pv._intervention_group)
+        if src is None:
+            src = base
+        by_key = dict(zip(active, src))
+        width = ids.shape[1]
+        src_locations = []
+        for k in keys:
+            locs = per_row(by_key[k]) if k in by_key else [[0]] * len(rows_prompt)
+            shifted = []
+            for r, loc in enumerate(locs):
+                n_src = len(rows_src[r])
+                bad = [q for q in loc if not 0 <= q < n_src]
+                if bad:
+                    raise ValueError(f"source position(s) {bad} lie outside source {rows_prompt[r]} "
+                                     f"({n_src} tokens)")
+                shifted.append([q + width - n_src for q in loc])
+            src_locations.append(shifted)
+
+    reps = None
+    if source_representations is not None:
+        given = source_representations
+        if isinstance(given, torch.Tensor):
+            given = {k: given for k in active}
+        elif isinstance(given, (list, tuple)):
+            if len(given) != len(active):
+                raise ValueError(f"{len(given)} source_representations for {len(active)} interventions")
+            given = dict(zip(active, given))
+        reps = {}
+        for k, v in given.items():
+            if k not in keys:
+                raise ValueError(f"source_representations key {k!r} is not one of the model's interventions {keys}")
+            v = torch.as_tensor(v).to(device)
+            if v.dim() == 1:
+                v = v.expand(n_prompts, -1)
+            if v.dim() != 2 or v.shape[0] != n_prompts:
+                raise ValueError(f"source_representations must be [d] or [num_prompts, d]; got {tuple(v.shape)}")
+            reps[k] = v[torch.tensor(rows_prompt, device=device)]
+
+    subs = subspaces
+    if subspaces is not None and _list_depth(subspaces) == 3:
+        subs = [[per[p if len(per) > 1 else 0] for p in rows_prompt] for per in subspaces]
+    return PyveneRunner(pv, schedule=schedule, base_locations=base_locations, sources=src_inputs,
+                        source_locations=src_locations, source_representations=reps, subspaces=subs,
+                        passive=passive), schedule
+
+
+# -------------------------------------------------------------- decoding --
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+class KVBatch:
+    """The rows one runner computes, with their KV cache; rows can be fed different numbers of tokens.
+
+    ``logits`` (float32 ``[n, V]``) predict each row's next token. With
+    ``share_prefix`` (plain runners), rows that share a prompt of 8 tokens or more
+    prefill it once and copy its cache to every row.
+    """
+
+    def __init__(self, runner, rows: Rows, *, pad: int, vocab: int, device, share_prefix: bool = False):
+        self.runner, self.rows, self.pad, self.vocab, self.device = runner, rows, pad, vocab, device
+        self.prompt_len = torch.tensor(rows.prompt_len, device=device)
+        contexts, n = rows.context, len(rows)
+        common = _common_prefix(contexts) if share_prefix and n > 1 else 0
+        if common >= 8:
+            ids = torch.tensor([contexts[0][:common]], device=device)
+            pos = torch.arange(common, device=device)[None]
+            logits, cache = runner(ids, torch.ones_like(ids), pos, None, abs_pos=pos, prompt_len=self.prompt_len[:1],
+                                   rows=rows.select([0]), prefill=True)
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(n)
+                self.cache = cache
+                self.mask = torch.ones((n, common), dtype=torch.long, device=device)
+                self.next_pos = torch.full((n,), common, dtype=torch.long, device=device)
+                self.logits = logits[:, -1, :vocab].float().expand(n, -1).clone()
+                self.feed([c[common:] for c in contexts])
+                return
+        ids, mask = left_pad(contexts, pad, device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        abs_pos = pos.masked_fill(mask == 0, -1)
+        logits, self.cache = runner(ids, mask, pos, None, abs_pos=abs_pos, prompt_len=self.prompt_len, rows=rows,
+                                    prefill=True)
+        self.mask = mask
+        self.next_pos = mask.sum(1)
+        self.logits = logits[:, -1, :vocab].float()
+
+    def feed(self, seqs: list[list[int]]) -> None:
+        """Append ``seqs[r]`` (possibly empty) to row ``r``; the logits follow each fed row's last token."""
+        k = max(len(s) for s in seqs)
+        if k == 0:
+            return
+        n = len(seqs)
+        ids = torch.full((n, k), self.pad, dtype=torch.long, device=self.device)
+        m = torch.zeros((n, k), dtype=torch.long, device=self.device)
+        for r, s in enumerate(seqs):
+            if s:
+                ids[r, :len(s)] = torch.tensor(s, device=self.device)
+                m[r, :len(s)] = 1
+        pos = self.next_pos[:, None] + (m.cumsum(1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, m], 1)
+        logits, self.cache = self.runner(ids, self.mask, pos, self.cache, abs_pos=pos.masked_fill(m == 0, -1),
+                                         prompt_len=self.prompt_len, rows=self.rows, prefill=False, keep=k)
+        fed = m.sum(1)
+        got = logits[torch.arange(n, device=self.device), (fed - 1).clamp(min=0), :self.vocab].float()
+        self.logits = torch.where((fed > 0)[:, None], got, self.logits)
+        self.next_pos = self.next_pos + fed
+
+
+class StepError(ValueError):
+    """Logits that cannot be sampled (NaN, +inf, all -inf), with where it happened."""
+
+
+def row_noise(rows: Rows, sel: Sequence[int], steps: Sequence[int], vocab: int, device) -> torch.Tensor:
+    """Noise ``[len(sel), V]`` for rows ``sel`` at absolute steps ``steps``: prior by (seed, step, stream),
+    or the row's posterior noise while the step lies inside it."""
+    seeds = torch.tensor([rows.seed[r] for r in sel], dtype=torch.long, device=device)
+    st = torch.tensor(list(steps), dtype=torch.long, device=device)
+    streams = torch.tensor([rows.stream[r] for r in sel], device=device)
+    u = torch.empty(len(sel), vocab, device=device)
+    for stream in torch.unique(streams).tolist():
+        part = (streams == stream).nonzero()[:, 0]
+        u[part] = gumbel_noise(seeds[part], st[part], vocab, stream=stream, device=device)
+    for i, r in enumerate(sel):
+        post = rows.posterior[r]
+        k = steps[i] - rows.step_offset[r]
+        if post is not None and 0 <= k < post.shape[0]:
+            u[i] = post[k].to(device)
+    return u
+
+
+class FreeRun:
+    """The decode program of generate / counterfactual / do / edit_prompt: every row samples at every step
+    (noise step ``step_offset + step``) until EOS, a stop string or its budget; rows that ended are fed padding."""
+
+    def __init__(self, rows: Rows, *, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+                 stop: Optional[Callable[[list[int]], bool]] = None, device=None, progress=None):
+        n = len(rows)
+        self.rows, self.n, self.pad, self.stop, self.device = rows, n, pad_token_id, stop, device
+        self.horizon = max(rows.max_new) if n else 0
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.reason = ["length"] * n
+        self.done = torch.tensor([m <= 0 for m in rows.max_new], device=device)
+        self.eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
+        self.max_new = torch.tensor(rows.max_new, device=device)
+        self.step = 0
+        self.bar = progress(total=self.horizon, desc="decoding", leave=False) if progress else None
+
+    def where(self) -> str:
+        return f"at generation step {self.step}"
+
+    def next(self, sel: Sequence[int], token: Optional[torch.Tensor]):
+        """Given the tokens sampled for rows ``sel``: (what to feed each row, each row's noise step or None),
+        or None when every row has ended."""
+        if token is None:  # the start
+            return (None, [o for o in self.rows.step_offset]) if self.horizon > 0 else None
+        step, done = self.step, self.done
+        token = torch.where(done, torch.full_like(token, self.pad), token)
+        for r in (~done).nonzero()[:, 0].tolist():
+            self.tokens[r].append(int(token[r]))
+        hit_eos = (token[:, None] == self.eos).any(1) & ~done
+        for r in hit_eos.nonzero()[:, 0].tolist():
+            self.tokens[r].pop()
+            self.reason[r] = "eos"
+        if self.stop is not None:
+            for r in (~done & ~hit_eos).nonzero()[:, 0].tolist():
+                if self.stop(self.tokens[r]):
+                    hit_eos[r] = True
+                    self.reason[r] = "stop_string"
+        self.done = done | hit_eos | (self.max_new <= step + 1)
+        if self.bar:
+            self.bar.update(1)
+        if bool(self.done.all()) or step + 1 >= self.horizon:
+            return None
+        self.step = step + 1
+        return [[t] for t in token.tolist()], [o + self.step for o in self.rows.step_offset]
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program, *, sampler: Sampler,
+           vocab_size: int, device) -> None:
+    """The decode loop. ``batches`` pair a :class:`KVBatch` with the global indices of its rows.
+
+    ``program.next(sel, tokens)`` receives the tokens sampled for rows ``sel``
+    (``tokens`` is None at the start) and returns ``(feeds, steps)``: the tokens
+    to feed each row next (None: nothing to feed) and each row's noise step for
+    the next sample (None: the row does not sample), or None to stop. Forced
+    tokens (labels, set values) are simply fed; sampled rows draw
+    ``argmax(sampler.log_probs(logits) + noise)``.
+    """
+    n = len(rows)
+    sel: list[int] = []
+    token: Optional[torch.Tensor] = None
+    try:
+        while True:
+            plan = program.next(sel, token)
+            if plan is None:
+                break
+            feeds, steps = plan
+            if feeds is not None:
+                for batch, idx in batches:
+                    batch.feed([feeds[r] for r in idx])
+            sel = [r for r in range(n) if steps[r] is not None]
+            if not sel:
+                token = torch.empty(0, dtype=torch.long, device=device)
+                continue
+            logits = torch.empty(n, vocab_size, device=device)
+            for batch, idx in batches:
+                logits[torch.as_tensor(list(idx), device=device)] = batch.logits
+            if len(sel) < n:
+                logits = logits[torch.tensor(sel, device=device)]
+            try:
+                check_logits(logits)
+            except ValueError as err:
+                raise StepError(f"{program.where()}: {err}") from None
+            # Later: per-row logits processors (each row's own history) go here, before the sampler.
+            noise = row_noise(rows, sel, [steps[r] for r in sel], vocab_size, device)
+            token = sampler.sample(logits, noise)
+    finally:
+        close = getattr(program, "close", None)
+        if close is not None:
+            close()
+
+
+def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_ids: list[list[int]], *,
+        sampler: Sampler, intervention: Intervention, eos: Sequence[int], stop=None, progress: bool = False):
+    """Decode ``rows`` (their ``intervene`` flags pick the counterfactual model) with :class:`FreeRun`.
+
+    Returns (new tokens per row, finish reason per row, the schedule applied or None).
+    Raises ValueError for logits that cannot be sampled.
+    """
+    device = models.device
+    vocab = vocab_size(hf_model(models.factual))
+    fact_rows = [r for r in range(len(rows)) if not rows.intervene[r]]
+    cf_rows = [r for r in range(len(rows)) if rows.intervene[r]]
+    cf = models.counterfactual
+    schedule = None
+    if is_intervenable(cf):
+        idx = list(range(len(rows))) if models.shared else cf_rows
+        runner, schedule = pyvene_runner(cf, tokenizer, [rows_prompt[r] for r in idx], prompt_ids, intervention,
+                                         device)
+        groups = [(runner, idx)] if models.shared else [(PlainRunner(models.factual), fact_rows), (runner, cf_rows)]
+    else:
+        if intervention.given():
+            raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
+                             "pyvene.IntervenableModel as the counterfactual model")
+        groups = [(PlainRunner(models.factual), fact_rows), (PlainRunner(cf), cf_rows)]
+    groups = [(runner, idx) for runner, idx in groups if idx]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm as bar
+    pad = pad_id(tokenizer)
+    program = FreeRun(rows, eos_token_ids=eos, pad_token_id=pad, stop=stop, device=device, progress=bar)
+    try:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for runner, _ in groups:
+                stack.enter_context(runner.active())
+            batches = [(KVBatch(runner, rows.select(idx), pad=pad, vocab=vocab, device=device), idx)
+                       for runner, idx in groups]
+            decode(batches, rows, program, sampler=sampler, vocab_size=vocab, device=device)
+    except StepError as err:
+        raise ValueError(str(err)) from None
+    return program.tokens, program.reason, (list(schedule) if isinstance(schedule, list) else schedule)
+
+
+def teacher_forced_logits(model, contexts: list[list[int]], targets: list[list[int]], pad: int) -> list[torch.Tensor]:
+    """Logits ``[len(t), V]`` predicting each target token after its context, one padded batch."""
+    device = next(model.parameters()).device
+    seqs = [c + t for c, t in zip(contexts, targets)]
+    ids, mask = left_pad(seqs, pad, device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    out = []
+    width = ids.shape[1]
+    for r, t in enumerate(targets):
+        end = width - 1  # the last position predicts nothing we observe
+        out.append(logits[r, end - len(t):end])
+    return out
