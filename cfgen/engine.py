@@ -367,18 +367,20 @@ class PyveneRunner:
     Args:
         intervenable: the pyvene model.
         schedule: ``"prompt"``, ``"generation"``, ``"all"`` or absolute positions.
-        base_locations: per intervention, per row, prompt positions (user ``unit_locations``),
-            or None to intervene wherever the schedule says.
+        base_locations: per intervention, per row, unit locations counted from the row's first token
+            (``[heads, positions]`` for ``"h.pos"``), or None to intervene wherever the schedule says.
         sources: per pyvene group, a dict of padded source inputs ``[R, S]`` (prefill only).
         source_locations: per intervention, per row, padded source positions.
-        source_representations: per intervention key, ``[R, d]`` tensors.
+        source_representations: per intervention key, ``[R, 1 or units, d]`` tensors.
         subspaces: pyvene's subspaces, per intervention, per row.
         passive: intervention keys that are markers (never intervene).
+        shift: add each row's left padding to its positions (False: locations are already batch coordinates).
     """
 
     def __init__(self, intervenable, *, schedule: Schedule = "all", base_locations=None, sources=None,
-                 source_locations=None, source_representations=None, subspaces=None, passive=()):
+                 source_locations=None, source_representations=None, subspaces=None, passive=(), shift=True):
         self.pv = intervenable
+        self.shift = shift
         self.schedule = schedule
         self.base_locations = base_locations
         self.sources = sources
@@ -386,6 +388,7 @@ class PyveneRunner:
         self.source_representations = source_representations
         self.subspaces = subspaces
         self.keys = list(intervenable.sorted_keys)
+        self.units = _units(intervenable)
         self.passive = set(passive)
         self.fwd = _Forward(intervenable.model)
         self._masks: dict[str, torch.Tensor] = {}
@@ -393,7 +396,8 @@ class PyveneRunner:
     @contextlib.contextmanager
     def active(self):
         """Patch each intervention's forward so unscheduled (row, unit) pairs keep their base value."""
-        saved = {}
+        saved, fast = {}, self.pv.use_fast
+        self.pv.use_fast = False  # pyvene's fast path applies row 0's locations to every row
         for key in self.keys:
             iv = self.pv.interventions[key]
             saved[key] = iv.__dict__.get("forward")
@@ -401,6 +405,7 @@ class PyveneRunner:
         try:
             yield self
         finally:
+            self.pv.use_fast = fast
             for key, fwd in saved.items():
                 iv = self.pv.interventions[key]
                 if fwd is None:
@@ -435,6 +440,12 @@ class PyveneRunner:
 
     def __call__(self, ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill, keep=1):
         n, k = ids.shape
+        base = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **self.fwd.kwargs(cache, keep)}
+        if self.base_locations is not None and not prefill:
+            # unit_locations confine every intervention to the prompt (carried by the KV cache from here on):
+            # later steps run the wrapped model alone rather than interventions masked back to their input.
+            out = self.pv.model(**base)
+            return out.logits[:, -keep:], self.fwd.cache_of(out)
         intervene = torch.tensor(rows.intervene, device=ids.device)[:, None]
         base_locs, sources, source_locs, reps = [], None, None, None
         for i, key in enumerate(self.keys):
@@ -442,13 +453,17 @@ class PyveneRunner:
                 locs = torch.full((n, 1), 0 if self.fwd.keep else k - 1, device=ids.device)
                 self._masks[key] = torch.zeros(n, 1, dtype=torch.bool, device=ids.device)
             elif self.base_locations is not None:
-                if prefill:
-                    pad = k - (abs_pos >= 0).sum(1, keepdim=True)
-                    locs = torch.as_tensor(self.base_locations[i], device=ids.device) + pad
-                    self._masks[key] = intervene.expand_as(locs).clone()
+                unit = self.units[key]
+                pad = (k - (abs_pos >= 0).sum(1)).tolist() if self.shift else [0] * n
+                rows_locs = [_shift(unit, loc, p) for loc, p in zip(self.base_locations[i], pad)]
+                if unit == "h.pos":
+                    base_locs.append([[r[0] for r in rows_locs], [r[1] for r in rows_locs]])
+                    self._masks[key] = intervene.clone()
                 else:
-                    locs = torch.zeros(n, 1, dtype=torch.long, device=ids.device)
-                    self._masks[key] = torch.zeros(n, 1, dtype=torch.bool, device=ids.device)
+                    base_locs.append(rows_locs)
+                    self._masks[key] = intervene.expand(n, len(rows_locs[0])).clone() if unit == "pos" \
+                        else intervene.clone()
+                continue
             else:
                 locs = torch.arange(k, device=ids.device).expand(n, k)
                 real = abs_pos >= 0
@@ -457,10 +472,13 @@ class PyveneRunner:
         if prefill and self.sources is not None:
             sources, source_locs = self.sources, self.source_locations
         if self.source_representations is not None:
-            reps = {key: rep[:, None, :].expand(n, len(base_locs[i][0]), rep.shape[-1])
-                    for i, key in enumerate(self.keys) if (rep := self.source_representations.get(key)) is not None}
+            reps = {}
+            for i, key in enumerate(self.keys):
+                rep = self.source_representations.get(key)
+                if rep is not None:
+                    n_units = len(base_locs[i][-1][0]) if self.units[key] == "h.pos" else len(base_locs[i][0])
+                    reps[key] = rep.expand(n, n_units, rep.shape[-1])
         unit_locations = {"sources->base": (source_locs if sources is not None else None, base_locs)}
-        base = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **self.fwd.kwargs(cache, keep)}
         _, out = self.pv(base, sources=sources, unit_locations=unit_locations, source_representations=reps,
                          subspaces=self.subspaces)
         return out.logits[:, -keep:], self.fwd.cache_of(out)
@@ -485,47 +503,159 @@ def _list_depth(x) -> int:
     return d
 
 
-def _locations(unit_locations, n_interventions: int, n_prompts: int):
-    """pyvene's unit_locations forms -> (source, base), each None or [intervention][prompt][units]."""
+LOCATION_FORMS = (
+    'unit_locations is a dict with one key, "sources->base" or "base" (as in pyvene). Its value may be: an int p '
+    "(position p in source and base); a pair of ints [s, b] or (s, b) (source position s -> base position b); "
+    "(None, b) or (s, None); a list of 3 or more positions [p0, p1, ...] (in source and base); or a pair "
+    "(source locations, base locations), each part None, one position list (every prompt and intervention), one "
+    "list per prompt, or pyvene's nesting [intervention][prompt][units] ([intervention][2][prompt][units] for "
+    '"h.pos": heads, then positions)'
+)
+
+
+def _units(pv) -> dict:
+    return {k: getattr(pv.representations[k], "unit", "pos") for k in pv.sorted_keys}
+
+
+def read_unit_locations(pv, unit_locations, n_prompts: int, active: list[str]):
+    """pyvene's meaning of ``unit_locations`` (broadcast by pyvene's own ``_broadcast_unit_locations``).
+
+    Returns (source, base): each None or ``{key: per-prompt locations}`` (one entry per prompt or one for all;
+    an entry is a unit list, or ``[heads, positions]`` for ``"h.pos"`` units).
+    """
     if unit_locations is None:
         return None, None
     if not isinstance(unit_locations, dict) or len(unit_locations) != 1:
-        raise ValueError('unit_locations must be a dict with one key, "sources->base" or "base", as in pyvene')
+        raise ValueError(f"cannot read unit_locations={unit_locations!r}: {LOCATION_FORMS}")
     (key, value), = unit_locations.items()
     if key not in ("sources->base", "base"):
-        raise ValueError(f'unknown unit_locations key {key!r}; use "sources->base" or "base"')
+        raise ValueError(f"unknown unit_locations key {key!r}: {LOCATION_FORMS}")
+    keys, units = list(pv.sorted_keys), _units(pv)
+    saved = pv.use_fast  # pyvene's broadcast switches its fast path on for good; cfgen's rows need it off
+    try:
+        pair = pv._broadcast_unit_locations(n_prompts, {key: value})["sources->base"]
+    except Exception as err:  # pyvene's helper fails with raw TypeErrors on forms it cannot read
+        raise ValueError(f"cannot read unit_locations {{{key!r}: {value!r}}} ({err}): {LOCATION_FORMS}") from None
+    finally:
+        pv.use_fast = saved
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"cannot read unit_locations {{{key!r}: {value!r}}}: pyvene reads a value that is not a "
+                         f"broadcast form as a pair (source locations, base locations). {LOCATION_FORMS}")
 
-    def full(v):
-        if v is None:
+    def per_key(part, name):
+        if part is None:
             return None
-        if isinstance(v, int):
-            v = [v]
-        depth = _list_depth(v)
-        if depth == 1:
-            return [[list(v)] * n_prompts] * n_interventions
-        if depth == 2:
-            return [list(map(list, v))] * n_interventions
-        if depth == 3:
-            return [list(map(list, per)) for per in v]
-        raise ValueError(f"cannot read unit_locations {v!r}; see pyvene's documentation of unit_locations")
-
-    if key == "base":
-        src, base = None, value
-    elif isinstance(value, tuple) and len(value) == 2:  # (source positions, base positions)
-        src, base = value
-    else:  # the same positions in source and base
-        src = base = value
-    src, base = full(src), full(base)
-    for name, locs in (("source", src), ("base", base)):
-        if locs is None:
-            continue
-        if len(locs) != n_interventions:
-            raise ValueError(f"unit_locations give {len(locs)} interventions' {name} positions; "
-                             f"the model has {n_interventions}")
-        for per in locs:
+        if isinstance(part, int) and not isinstance(part, bool):
+            part = [part]
+        if not isinstance(part, (list, tuple)) or not part:
+            raise ValueError(f"cannot read the {name} part {part!r} of unit_locations[{key!r}]: {LOCATION_FORMS}")
+        part = list(part)
+        nested = all(isinstance(e, (list, tuple)) and _list_depth(e) >= 2 for e in part)
+        if nested:  # pyvene's nesting: one entry per intervention
+            if len(part) == len(keys):
+                owners = keys
+            elif len(part) == len(active):
+                owners = active
+            else:
+                raise ValueError(f"unit_locations[{key!r}] give {name} locations for {len(part)} interventions; the "
+                                 f"model has {len(active)} ({active})")
+            out = {}
+            for k, e in zip(owners, part):
+                if units[k] == "h.pos":
+                    if len(e) != 2 or _list_depth(e) != 3:
+                        raise ValueError(f'intervention {k!r} has unit "h.pos": its {name} locations must be '
+                                         f"[[heads per prompt], [positions per prompt]], got {e!r}")
+                    if len(e[0]) != len(e[1]):
+                        raise ValueError(f"intervention {k!r}: {len(e[0])} prompts' heads but {len(e[1])} prompts' "
+                                         "positions")
+                    out[k] = [[list(h), list(p)] for h, p in zip(e[0], e[1])]
+                else:
+                    if _list_depth(e) != 2:
+                        raise ValueError(f"intervention {k!r} (unit {units[k]!r}): its {name} locations must be one "
+                                         f"unit list per prompt, got {e!r}")
+                    out[k] = [list(u) for u in e]
+        else:
+            depth = _list_depth(part)
+            if depth == 1:
+                per = [list(part)]
+            elif depth == 2:
+                per = [list(u) for u in part]
+            else:
+                raise ValueError(f"cannot read the {name} part {part!r} of unit_locations[{key!r}]: {LOCATION_FORMS}")
+            hp = [k for k in active if units[k] == "h.pos"]
+            if hp:
+                raise ValueError(f'interventions {hp} have unit "h.pos": give their {name} locations in pyvene\'s '
+                                 "nesting [intervention][2][prompt][units] (heads, then positions)")
+            out = {k: per for k in active}
+        for k, per in out.items():
             if len(per) not in (1, n_prompts):
-                raise ValueError(f"unit_locations give {len(per)} rows of {name} positions for {n_prompts} prompts")
-    return src, base
+                raise ValueError(f"unit_locations give {len(per)} prompts' {name} locations for intervention {k!r}; "
+                                 f"there are {n_prompts} prompts (give one for all or one per prompt)")
+        return out
+
+    return per_key(pair[0], "source"), per_key(pair[1], "base")
+
+
+def _check_units(pv, key: str, unit: str, loc, length: int, what: str) -> None:
+    heads, pos = (loc[0], loc[1]) if unit == "h.pos" else ((loc, []) if unit == "h" else ([], loc))
+    bad = [q for q in pos if not 0 <= q < length]
+    if bad:
+        raise ValueError(f"unit_locations position(s) {bad} for intervention {key!r} lie outside {what}, which has "
+                         f"{length} tokens (positions count from 0 at its first token)")
+    n_heads = getattr(hf_model(pv).config, "num_attention_heads", None) or getattr(hf_model(pv).config, "n_head", None)
+    badh = [h for h in heads if not (0 <= h < n_heads if n_heads else h >= 0)]
+    if badh:
+        raise ValueError(f"unit_locations head(s) {badh} for intervention {key!r} are outside the model's "
+                         f"{n_heads} attention heads")
+
+
+def _shift(unit: str, loc, pad: int):
+    """Locations counted from a row's first token -> padded-batch coordinates (heads never shift)."""
+    if unit == "h":
+        return list(loc)
+    if unit == "h.pos":
+        return [list(loc[0]), [q + pad for q in loc[1]]]
+    return [q + pad for q in loc]
+
+
+def _read_representations(pv, given, n_prompts: int, active: list[str], rows_prompt: list[int], device) -> dict:
+    """pyvene's source_representations forms (a tensor for every intervention, a list in ``sorted_keys`` order, a
+    dict by key) -> ``{key: [rows, 1 or units, d]}``. A tensor may be ``[d]``, ``[1, d]`` or ``[1, 1, d]`` (every
+    prompt and unit), ``[P, d]`` or ``[P, 1, d]`` (one per prompt), ``[1 or P, U, d]`` (one per unit)."""
+    keys = list(pv.sorted_keys)
+    if isinstance(given, torch.Tensor):
+        given = {k: given for k in active}
+    elif isinstance(given, (list, tuple)):
+        if len(given) == len(keys):
+            given = dict(zip(keys, given))
+        elif len(given) == len(active):
+            given = dict(zip(active, given))
+        else:
+            raise ValueError(f"{len(given)} source_representations for {len(active)} interventions {active}")
+    elif not isinstance(given, dict):
+        raise ValueError("source_representations must be a tensor (every intervention), a list (one per intervention, "
+                         f"in pyvene's sorted_keys order) or a dict by intervention key; got {type(given).__name__}")
+    reps = {}
+    for k, v in given.items():
+        if k not in keys:
+            raise ValueError(f"source_representations key {k!r} is not one of the model's interventions {keys}")
+        if v is None:
+            continue
+        v = torch.as_tensor(v).to(device)
+        shape = tuple(v.shape)
+        if v.dim() == 1:
+            v = v[None, None]
+        elif v.dim() == 2:
+            v = v[:, None]
+        if v.dim() != 3 or v.shape[0] not in (1, n_prompts):
+            raise ValueError(
+                f"source_representations[{k!r}] has shape {shape}; accepted: [d], [1, d], [1, 1, d] (every prompt "
+                f"and unit), [{n_prompts}, d] or [{n_prompts}, 1, d] (one per prompt), [1 or {n_prompts}, units, d]")
+        if v.shape[0] == 1:
+            reps[k] = v.expand(len(rows_prompt), -1, -1)
+        else:
+            reps[k] = v[torch.tensor(rows_prompt, device=device)]
+    return reps
 
 
 def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[int]], intervention: Intervention,
@@ -562,24 +692,29 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
         if any(p < 0 for p in schedule):
             raise ValueError("intervene_on positions count from each prompt's first token and must be >= 0")
 
-    src, base = _locations(unit_locations, len(active), n_prompts)
+    src, base = read_unit_locations(pv, unit_locations, n_prompts, active)
+    units = _units(pv)
+    if src is not None and base is None:
+        raise ValueError(f"unit_locations={unit_locations!r} give source locations but no base locations; cfgen "
+                         f"needs to know where in each prompt the source goes. {LOCATION_FORMS}")
+    heads = [k for k in active if units[k] in ("h", "h.pos")]
+    if heads and unit_locations is None:
+        raise ValueError(f'interventions {heads} have head units ("h" / "h.pos"): give unit_locations naming the '
+                         'heads, e.g. {"base": [[[0, 1]]]} for heads 0 and 1 of every prompt ("h"), or '
+                         '{"base": [[[[0]], [[3]]]]} for head 0 at position 3 ("h.pos")')
 
-    def per_row(locs):  # [prompt or one for all][units] -> [row][units]
+    def per_row(locs):  # [prompt or one for all] -> [row]
         return [locs[p if len(locs) > 1 else 0] for p in rows_prompt]
+
+    def default(key):  # a key the user gave no locations for: position 0, never intervened (masked)
+        return [[[0], [0]] if units[key] == "h.pos" else [0]] * len(rows_prompt)
 
     base_locations = src_locations = None
     if base is not None:
-        for i, per in enumerate(base):
+        for key, per in base.items():
             for p in range(n_prompts):
-                locs = per[p if len(per) > 1 else 0]
-                bad = [q for q in locs if not 0 <= q < len(prompt_ids[p])]
-                if bad:
-                    raise ValueError(
-                        f"unit_locations position(s) {bad} for intervention {i} lie outside prompt {p}, which has "
-                        f"{len(prompt_ids[p])} tokens (positions count from 0 at the prompt's first token)"
-                    )
-        by_key = dict(zip(active, base))
-        base_locations = [per_row(by_key[k]) if k in by_key else [[0]] * len(rows_prompt) for k in keys]
+                _check_units(pv, key, units[key], per[p if len(per) > 1 else 0], len(prompt_ids[p]), f"prompt {p}")
+        base_locations = [per_row(base[k]) if k in base else default(k) for k in keys]
 
     src_inputs = None
     if sources is not None:
@@ -595,40 +730,23 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
         src_inputs = [{"input_ids": ids, "attention_mask": mask, "position_ids": pos}] * len(pv._intervention_group)
         if src is None:
             src = base
-        by_key = dict(zip(active, src))
         width = ids.shape[1]
         src_locations = []
         for k in keys:
-            locs = per_row(by_key[k]) if k in by_key else [[0]] * len(rows_prompt)
+            locs = per_row(src[k]) if k in src else default(k)
             shifted = []
             for r, loc in enumerate(locs):
                 n_src = len(rows_src[r])
-                bad = [q for q in loc if not 0 <= q < n_src]
-                if bad:
-                    raise ValueError(f"source position(s) {bad} lie outside source {rows_prompt[r]} "
-                                     f"({n_src} tokens)")
-                shifted.append([q + width - n_src for q in loc])
+                if k in src:
+                    _check_units(pv, k, units[k], loc, n_src, f"source {rows_prompt[r]}")
+                shifted.append(_shift(units[k], loc, width - n_src))
+            if units[k] == "h.pos":
+                shifted = [[s[0] for s in shifted], [s[1] for s in shifted]]
             src_locations.append(shifted)
 
     reps = None
     if source_representations is not None:
-        given = source_representations
-        if isinstance(given, torch.Tensor):
-            given = {k: given for k in active}
-        elif isinstance(given, (list, tuple)):
-            if len(given) != len(active):
-                raise ValueError(f"{len(given)} source_representations for {len(active)} interventions")
-            given = dict(zip(active, given))
-        reps = {}
-        for k, v in given.items():
-            if k not in keys:
-                raise ValueError(f"source_representations key {k!r} is not one of the model's interventions {keys}")
-            v = torch.as_tensor(v).to(device)
-            if v.dim() == 1:
-                v = v.expand(n_prompts, -1)
-            if v.dim() != 2 or v.shape[0] != n_prompts:
-                raise ValueError(f"source_representations must be [d] or [num_prompts, d]; got {tuple(v.shape)}")
-            reps[k] = v[torch.tensor(rows_prompt, device=device)]
+        reps = _read_representations(pv, source_representations, n_prompts, active, rows_prompt, device)
 
     subs = subspaces
     if subspaces is not None and _list_depth(subspaces) == 3:

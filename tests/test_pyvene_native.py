@@ -1,0 +1,190 @@
+"""Differential tests against pyvene itself: every accepted argument form means what it means in pyvene.
+
+For each form, the logits cfgen's counterfactual rows compute at the prompt (batched, left-padded) equal
+``IntervenableModel.forward`` on each prompt alone with the same form (atol 1e-5, float32), and the first
+counterfactual token is argmax(log_softmax(pyvene's logits) + cfgen's noise for that seed and step 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import pyvene as pv
+import torch
+
+import cfgen
+import cfgen.engine
+
+from .conftest import CharTokenizer, tiny_llama
+
+TOK = CharTokenizer()
+PROMPTS = ["hello world", "abcdef"]  # 11 and 6 tokens: the second row is left-padded by 5
+SOURCES = ["qrstuvwxyzab", "zyxwvu"]  # 12 and 6 tokens
+D = 16
+
+
+class Spy(cfgen.Sampler):
+    """Records the logits the decode loop samples from."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "seen", [])
+
+    def sample(self, logits, noise):
+        self.seen.append(logits.clone())
+        return super().sample(logits, noise)
+
+
+def ids(text):
+    return torch.tensor([TOK(text)["input_ids"]])
+
+
+def check(intervenable, per_prompt, seed=3, **kwargs):
+    """per_prompt(p) -> pyvene forward kwargs for prompt p alone; kwargs: cfgen's call for all prompts."""
+    spy = Spy()
+    r = cfgen.generate(intervenable, TOK, PROMPTS, max_new_tokens=1, seed=seed, sampler=spy, eos_token_id=[],
+                       **kwargs)
+    n = len(PROMPTS)
+    cf_logits = spy.seen[0][n:2 * n]
+    for p in range(n):
+        with torch.no_grad():
+            _, out = intervenable({"input_ids": ids(PROMPTS[p])}, **per_prompt(p))
+        ref = out.logits[0, -1].float()
+        torch.testing.assert_close(cf_logits[p], ref, atol=1e-5, rtol=0)
+        noise = cfgen.gumbel_noise(seed, 0, ref.shape[-1])[0]
+        assert r.counterfactual_ids[p][0] == int((torch.log_softmax(ref, -1) + noise).argmax())
+    r.step0_logits = cf_logits
+    return r
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(init=0.5)
+
+
+def vanilla(model, layer=0):
+    return pv.IntervenableModel({"layer": layer, "component": "block_output",
+                                 "intervention_type": pv.VanillaIntervention}, model)
+
+
+def src(p):
+    return [{"input_ids": ids(SOURCES[p])}]
+
+
+@pytest.mark.parametrize("form", [3, [3, 1], (3, 1), [0, 2, 4], [1, 3, 5, 0]])
+def test_broadcast_unit_locations_mean_what_pyvene_means(model, form):
+    iv = vanilla(model)
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": form}},
+          sources=SOURCES, unit_locations={"sources->base": form})
+
+
+def test_a_pair_of_ints_is_source_then_base_not_two_positions(model):
+    iv = vanilla(model)
+    pair = check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": [3, 1]}},
+                 sources=SOURCES, unit_locations={"sources->base": [3, 1]}, seed=0)
+    both = check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": ([[[3, 1]]], [[[3, 1]]])}},
+                 sources=SOURCES, unit_locations={"sources->base": ([3, 1], [3, 1])}, seed=0)
+    # "positions 3 and 1 in both" is a different intervention: the rows' logits differ
+    assert not torch.allclose(pair.step0_logits, both.step0_logits, atol=1e-3)
+
+
+def test_nested_per_intervention_per_prompt_locations(model):
+    iv = vanilla(model)
+    s, b = [[2], [4]], [[7], [1]]
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": ([[s[p]]], [[b[p]]])}},
+          sources=SOURCES, unit_locations={"sources->base": ([s], [b])})
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": ([[s[p]]], [[b[p]]])}},
+          sources=SOURCES, unit_locations={"sources->base": (s, b)})  # cfgen: one list per prompt
+
+
+def addition(model, **kw):
+    return pv.IntervenableModel({"layer": 1, "component": "block_output",
+                                 "intervention_type": pv.AdditionIntervention}, model, **kw)
+
+
+@pytest.mark.parametrize("shape", [(D,), (1, D), (1, 1, D)])
+def test_source_representations_shapes_broadcast_as_in_pyvene(model, shape):
+    iv = addition(model)
+    rep = torch.linspace(-2, 2, D).reshape(shape)
+    check(iv, lambda p: {"unit_locations": {"base": 2}, "source_representations": rep},
+          unit_locations={"base": 2}, source_representations=rep)
+
+
+def test_source_representations_one_per_prompt(model):
+    iv = addition(model)
+    rep = torch.stack([torch.linspace(-2, 2, D), torch.linspace(3, -1, D)])
+    check(iv, lambda p: {"unit_locations": {"base": [1, 3, 4]}, "source_representations": rep[p]},
+          unit_locations={"base": [1, 3, 4]}, source_representations=rep)
+    check(iv, lambda p: {"unit_locations": {"base": [1, 3, 4]}, "source_representations": rep[p]},
+          unit_locations={"base": [1, 3, 4]}, source_representations=rep[:, None])
+
+
+def test_base_only_pair_with_none_source(model):
+    iv = addition(model)
+    rep = torch.linspace(-2, 2, D)
+    check(iv, lambda p: {"unit_locations": {"sources->base": (None, 3)}, "source_representations": rep},
+          unit_locations={"sources->base": (None, 3)}, source_representations=rep)
+
+
+def test_two_interventions_list_and_dict_of_representations(model):
+    iv = pv.IntervenableModel([{"layer": 0, "component": "block_output", "intervention_type": pv.AdditionIntervention},
+                               {"layer": 1, "component": "mlp_output", "intervention_type": pv.AdditionIntervention}],
+                              model)
+    a, b = torch.linspace(-1, 1, D), torch.linspace(2, 0, D)
+    check(iv, lambda p: {"unit_locations": {"base": 1}, "source_representations": [a, b]},
+          unit_locations={"base": 1}, source_representations=[a, b])
+    k0, k1 = iv.sorted_keys
+    check(iv, lambda p: {"unit_locations": {"base": 1}, "source_representations": {k0: a, k1: b}},
+          unit_locations={"base": 1}, source_representations={k0: a, k1: b})
+
+
+def heads(model, unit):
+    return pv.IntervenableModel({"layer": 1, "component": "head_attention_value_output", "unit": unit,
+                                 "intervention_type": pv.VanillaIntervention}, model)
+
+
+def test_head_positions_h_pos_and_padding_shifts_positions_only(model):
+    iv = heads(model, "h.pos")
+    h, q = [[1], [3]], [[4], [2]]
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": (
+          [[[h[p]], [q[p]]]], [[[h[p]], [q[p]]]])}},
+          sources=SOURCES, unit_locations={"sources->base": ([[h, q]], [[h, q]])})
+
+
+def test_head_units_h_are_not_shifted_by_padding(model):
+    iv = heads(model, "h")
+    same_len = ["zyxwvutsrqp", "qwerty"]  # as long as each prompt: the head is swapped at every position
+    spy = Spy()
+    r = cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, seed=1, sampler=spy, eos_token_id=[],
+                       sources=same_len, unit_locations={"sources->base": ([[0], [2]], [[0], [2]])})
+    for p in range(2):
+        with torch.no_grad():
+            _, out = iv({"input_ids": ids(PROMPTS[p])}, sources=[{"input_ids": ids(same_len[p])}],
+                        unit_locations={"sources->base": ([[[0, 2][p:p + 1]]], [[[0, 2][p:p + 1]]])})
+        torch.testing.assert_close(spy.seen[0][2 + p], out.logits[0, -1], atol=1e-5, rtol=0)
+    assert len(r.counterfactual_ids) == 2
+
+
+def test_refused_forms_name_the_form_before_model_work(model):
+    iv = vanilla(model)
+    with pytest.raises(ValueError, match="unit_locations.*'sources->base'"):
+        cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, sources=SOURCES,
+                       unit_locations={"sources->base": ([[[1]], [[2]], [[3]]], [[[1]]])})
+    with pytest.raises(ValueError, match="no base locations"):
+        cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, sources=SOURCES, unit_locations={"sources->base": (4, None)})
+    with pytest.raises(ValueError, match="unknown unit_locations key 'src'"):
+        cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, unit_locations={"src": 1})
+    with pytest.raises(ValueError, match=r"source_representations\[.*\] has shape \(3, 16\)"):
+        cfgen.generate(addition(model), TOK, PROMPTS, max_new_tokens=1, unit_locations={"base": 1},
+                       source_representations=torch.ones(3, D))
+    with pytest.raises(ValueError, match="head units"):
+        cfgen.generate(heads(model, "h"), TOK, PROMPTS, max_new_tokens=1, source_representations=torch.ones(4))
+
+
+def test_pyvene_fast_path_left_on_by_a_pyvene_call_does_not_leak_into_cfgen(model):
+    iv = vanilla(model)
+    with torch.no_grad():
+        iv({"input_ids": ids(PROMPTS[0])}, sources=src(0), unit_locations={"sources->base": 3})
+    assert iv.use_fast  # pyvene switched its fast path on for good
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": ([[[2 + p]]], [[[1 + p]]])}},
+          sources=SOURCES, unit_locations={"sources->base": ([[2], [3]], [[1], [2]])})
+    assert iv.use_fast
