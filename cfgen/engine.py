@@ -116,7 +116,8 @@ def resolve_models(model) -> Models:
 
 def check_hf(model) -> None:
     """Refuse, in one line, a model that is not a Hugging Face causal LM (e.g. pyvene's own GRU)."""
-    if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+    if not hasattr(model, "config") or not _accepts(model, "attention_mask") or not (
+            _accepts(model, "cache") or _accepts(model, "past_key_values")):
         raise TypeError(
             f"cfgen decodes Hugging Face causal language models; the wrapped model is a {type(model).__name__}, "
             "which has no token-by-token decoding interface (input_ids, attention_mask, KV cache)"
@@ -361,6 +362,47 @@ class PlainRunner:
         yield self
 
 
+_BATCH_BUG = ("BoundlessRotatedSpaceIntervention", "SigmoidMaskRotatedSpaceIntervention")
+
+
+def _one_position_per_unit(iv, forward: Callable) -> Callable:
+    """Distributed interventions built without ``keep_last_dim=True`` (RotatedSpace, LowRank, Boundless,
+    SigmoidMaskRotated, Autoencoder) see ``[batch, units * d]`` and expect one unit: apply them to each unit
+    on its own, as ``keep_last_dim=True`` would (pyvene itself fails on several units). Boundless and
+    SigmoidMaskRotated built with ``keep_last_dim=True`` size their mask by the batch and fail on
+    ``[batch, units, d]`` in pyvene 0.1.8 unless batch == units: they get ``[batch * units, d]`` too."""
+    d = getattr(iv, "embed_dim", None)
+    d = int(d) if isinstance(d, torch.Tensor) and d.numel() == 1 else d  # pyvene stores it as a tensor
+    keep = getattr(iv, "keep_last_dim", True)
+    if not isinstance(d, int) or d <= 0 or (keep and type(iv).__name__ not in _BATCH_BUG):
+        return forward
+
+    def run(base, source=None, subspaces=None, **kwargs):
+        if keep:
+            if base.dim() != 3 or base.shape[-1] != d:
+                return forward(base, source, subspaces, **kwargs)
+            b, u = base.shape[0], base.shape[1]
+        else:
+            if base.dim() != 2 or base.shape[1] == d or base.shape[1] % d:
+                return forward(base, source, subspaces, **kwargs)
+            b, u = base.shape[0], base.shape[1] // d
+        flat_source = source
+        if isinstance(source, torch.Tensor) and source.shape == base.shape:
+            flat_source = source.reshape(b * u, d)
+        subs = subspaces
+        if isinstance(subspaces, (list, tuple)) and len(subspaces) == b:
+            subs = [s for s in subspaces for _ in range(u)]
+        out = forward(base.reshape(b * u, d), flat_source, subs, **kwargs)
+        tensor = getattr(out, "output", out)
+        merged = tensor.reshape(base.shape[:-1] + tensor.shape[-1:]) if keep else tensor.reshape(b, -1)
+        if tensor is out:
+            return merged
+        out.output = merged
+        return out
+
+    return run
+
+
 class PyveneRunner:
     """An ``IntervenableModel``; interventions act on intervened rows at scheduled positions only.
 
@@ -416,6 +458,8 @@ class PyveneRunner:
     masked = active
 
     def _masked_forward(self, key: str, forward: Callable):
+        forward = _one_position_per_unit(self.pv.interventions[key], forward)
+
         def run(base, source=None, subspaces=None, **kwargs):
             mask = self._masks.get(key)
             if mask is None:
@@ -697,6 +741,12 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     if src is not None and base is None:
         raise ValueError(f"unit_locations={unit_locations!r} give source locations but no base locations; cfgen "
                          f"needs to know where in each prompt the source goes. {LOCATION_FORMS}")
+    for k in active:  # pyvene's NoiseIntervention adds a fixed [1, 4, d] noise tensor
+        if type(pv.interventions[k]).__name__ == "NoiseIntervention" and (
+                base is None or any(len(loc) != 4 for loc in base.get(k, [[0] * 4]))):
+            raise ValueError(f"intervention {k!r} is a pyvene NoiseIntervention, whose noise is a fixed [1, 4, d] "
+                             "tensor: give unit_locations with exactly 4 positions per prompt, e.g. "
+                             '{"base": [0, 1, 2, 3]}; intervene_on schedules cannot apply it')
     heads = [k for k in active if units[k] in ("h", "h.pos")]
     if heads and unit_locations is None:
         raise ValueError(f'interventions {heads} have head units ("h" / "h.pos"): give unit_locations naming the '

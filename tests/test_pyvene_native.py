@@ -188,3 +188,49 @@ def test_pyvene_fast_path_left_on_by_a_pyvene_call_does_not_leak_into_cfgen(mode
     check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": ([[[2 + p]]], [[[1 + p]]])}},
           sources=SOURCES, unit_locations={"sources->base": ([[2], [3]], [[1], [2]])})
     assert iv.use_fast
+
+
+@pytest.mark.parametrize("cls,kw", [(pv.RotatedSpaceIntervention, {}),
+                                    (pv.LowRankRotatedSpaceIntervention, {"low_rank_dimension": 4}),
+                                    (pv.SigmoidMaskRotatedSpaceIntervention, {}),
+                                    (pv.BoundlessRotatedSpaceIntervention, {})])
+def test_distributed_interventions_without_keep_last_dim_act_on_each_position(model, cls, kw):
+    """Built the default way they see one unit at a time, exactly as the keep_last_dim=True build does (whose
+    batch > 1 bug in pyvene 0.1.8 for Boundless / SigmoidMaskRotated cfgen works around)."""
+    torch.manual_seed(4)
+    default = cls(embed_dim=D, **kw)
+    if hasattr(default, "intervention_boundaries"):  # Boundless starts near identity: open its boundary
+        with torch.no_grad():
+            default.intervention_boundaries.fill_(1.0)
+            default.temperature.fill_(0.01)
+    per_pos = cls(embed_dim=D, keep_last_dim=True, **kw)
+    per_pos.load_state_dict(default.state_dict())
+    rep = torch.linspace(-3, 3, D)
+    out = []
+    for iv in (default, per_pos):
+        im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention": iv}, model)
+        out.append(cfgen.generate(im, TOK, PROMPTS, max_new_tokens=6, seed=2, intervene_on="all",
+                                  source_representations=rep, eos_token_id=[]))
+    assert out[0].counterfactual_ids == out[1].counterfactual_ids
+    assert not all(out[0].identical)  # the intervention does something
+    im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention": per_pos}, model)
+    check(im, lambda p: {"unit_locations": {"base": [1, 2, 3]}, "source_representations": rep},
+          unit_locations={"base": [1, 2, 3]}, source_representations=rep)
+
+
+def test_noise_intervention_needs_its_four_positions(model):
+    im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention_type": pv.NoiseIntervention},
+                              model)
+    check(im, lambda p: {"unit_locations": {"base": [0, 1, 2, 4]}}, unit_locations={"base": [0, 1, 2, 4]})
+    with pytest.raises(ValueError, match="exactly 4 positions"):
+        cfgen.generate(im, TOK, PROMPTS, max_new_tokens=2, intervene_on="all")
+
+
+def test_non_hugging_face_pyvene_models_are_refused_in_one_line():
+    from pyvene.models.gru.modelings_gru import GRUConfig, GRULMHeadModel
+
+    gru = GRULMHeadModel(GRUConfig(vocab_size=32, h_dim=16, n_layer=1))
+    im = pv.IntervenableModel({"layer": 0, "component": "cell_output", "intervention_type": pv.VanillaIntervention},
+                              gru)
+    with pytest.raises(TypeError, match="GRULMHeadModel.*token-by-token decoding"):
+        cfgen.generate(im, TOK, PROMPTS, max_new_tokens=2)
