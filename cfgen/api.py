@@ -21,6 +21,13 @@ __all__ = ["generate", "counterfactual", "INTERVENTIONAL"]
 Prompt = Union[str, Sequence[int]]
 
 
+def _collected(collected: dict, kinds: list[str], n: int) -> Optional[dict]:
+    """``{kind: [per result row: {key: {"positions", "activations"}}]}`` from the engine's per-row collection."""
+    if not collected:
+        return None
+    return {name: [collected.get(i * n + j, {}) for j in range(n)] for i, name in enumerate(kinds)}
+
+
 def generate(
     model,
     tokenizer,
@@ -59,8 +66,9 @@ def generate(
         seed: an int (every prompt), or one per prompt. Sample ``j`` of a prompt uses ``seed + j``.
         num_samples: independent (factual, counterfactual) pairs per prompt.
         sources, unit_locations, source_representations, subspaces: as for
-            ``IntervenableModel.forward``; positions count from each prompt's first token
-            (cfgen shifts them for left padding).
+            ``IntervenableModel.forward``, with pyvene's meaning (``{"sources->base": [3, 9]}`` is source
+            position 3 -> base position 9); positions count from each prompt's first token (cfgen
+            shifts them for left padding; head indices never shift). See docs/architecture.md.
         intervene_on: where in time the intervention applies: ``"prompt"`` (every prompt
             position; the default with ``unit_locations``), ``"generation"`` (every position
             whose output predicts a new token: the last prompt position and each generated
@@ -73,7 +81,10 @@ def generate(
         progress: show a tqdm progress bar.
 
     Returns:
-        a :class:`cfgen.CounterfactualResult`.
+        a :class:`cfgen.CounterfactualResult`. With ``pyvene.CollectIntervention`` s in the model,
+        ``result.collected[kind][row][key]`` (``kind`` ``"factual"``, ``"counterfactual"``,
+        ``"interventional"``) holds ``{"positions": [...], "activations": Tensor}``: what each row's
+        forward computed there (positions count from the prompt's first token); otherwise None.
 
     Example:
         >>> import cfgen, pyvene as pv, torch
@@ -114,13 +125,14 @@ def generate(
             stream.append(st)
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds,
                 max_new=[max_new_tokens] * len(context), stream=stream, intervene=intervene)
+    collected: dict = {}
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
         intervention=E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on),
         eos=E.eos_ids(tokenizer, E.hf_model(models.factual), eos_token_id),
-        stop=E.stop_fn(tokenizer, stop_strings), progress=progress)
+        stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected)
     n = len(pairs)
-    return CounterfactualResult(
+    result = CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
         prompt_ids=prompt_ids,
         factual_ids=tokens[:n],
@@ -136,6 +148,8 @@ def generate(
                   "interventional_stream": INTERVENTIONAL if interventional else None},
         tokenizer=tokenizer,
     )
+    result.collected = _collected(collected, [name for name, _, _ in kinds], n)
+    return result
 
 
 def counterfactual(
@@ -245,13 +259,14 @@ def counterfactual(
             mx.append(max_new[p])
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds, max_new=mx, stream=stream,
                 intervene=[True] * len(context), posterior=post)
+    collected: dict = {}
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
         intervention=E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on),
         eos=E.eos_ids(tokenizer, E.hf_model(models.factual), eos_token_id),
-        stop=E.stop_fn(tokenizer, stop_strings), progress=progress)
+        stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected)
     n = len(pairs)
-    return CounterfactualResult(
+    result = CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
         prompt_ids=prompt_ids,
         factual_ids=[obs_ids[p] for p, _ in pairs],
@@ -267,3 +282,5 @@ def counterfactual(
                   "interventional_stream": INTERVENTIONAL if interventional else None},
         tokenizer=tokenizer,
     )
+    result.collected = _collected(collected, [name for name, _ in kinds], n)
+    return result

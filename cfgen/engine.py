@@ -434,6 +434,10 @@ class PyveneRunner:
         self.passive = set(passive)
         self.fwd = _Forward(intervenable.model)
         self._masks: dict[str, torch.Tensor] = {}
+        # CollectIntervention keys: what each row's collected units are (absolute positions, valid), per call
+        self.collect = [k for k in self.keys if type(intervenable.interventions[k]).__name__ == "CollectIntervention"]
+        self._collect_at: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.collected: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {k: [] for k in self.collect}
 
     @contextlib.contextmanager
     def active(self):
@@ -461,6 +465,9 @@ class PyveneRunner:
         forward = _one_position_per_unit(self.pv.interventions[key], forward)
 
         def run(base, source=None, subspaces=None, **kwargs):
+            if key in self._collect_at:
+                at, valid = self._collect_at[key]
+                self.collected[key].append((base.detach().reshape(at.shape[0], at.shape[1], -1).clone(), at, valid))
             mask = self._masks.get(key)
             if mask is None:
                 return forward(base, source, subspaces, **kwargs)
@@ -482,8 +489,23 @@ class PyveneRunner:
 
         return run
 
+    def rows_collected(self, n: int) -> list[dict]:
+        """Per batch row: ``{key: {"positions": [...], "activations": Tensor[units, ...]}}`` over the whole decode."""
+        out: list[dict] = [{} for _ in range(n)]
+        for key, calls in self.collected.items():
+            for r in range(n):
+                acts, where = [], []
+                for value, at, valid in calls:
+                    sel = valid[r]
+                    acts.append(value[r][sel])
+                    where += at[r][sel].tolist()
+                if acts:
+                    out[r][key] = {"positions": where, "activations": torch.cat(acts)}
+        return out
+
     def __call__(self, ids, mask, pos, cache, *, abs_pos, prompt_len, rows, prefill, keep=1):
         n, k = ids.shape
+        self._collect_at.clear()
         base = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **self.fwd.kwargs(cache, keep)}
         if self.base_locations is not None and not prefill:
             # unit_locations confine every intervention to the prompt (carried by the KV cache from here on):
@@ -500,6 +522,9 @@ class PyveneRunner:
                 unit = self.units[key]
                 pad = (k - (abs_pos >= 0).sum(1)).tolist() if self.shift else [0] * n
                 rows_locs = [_shift(unit, loc, p) for loc, p in zip(self.base_locations[i], pad)]
+                if key in self.collect and unit == "pos":
+                    at = torch.as_tensor(self.base_locations[i], device=ids.device)
+                    self._collect_at[key] = (at, torch.ones_like(at, dtype=torch.bool))
                 if unit == "h.pos":
                     base_locs.append([[r[0] for r in rows_locs], [r[1] for r in rows_locs]])
                     self._masks[key] = intervene.clone()
@@ -511,7 +536,10 @@ class PyveneRunner:
             else:
                 locs = torch.arange(k, device=ids.device).expand(n, k)
                 real = abs_pos >= 0
-                self._masks[key] = intervene & real & _scheduled(self.schedule, abs_pos, prompt_len[:, None])
+                when = real & _scheduled(self.schedule, abs_pos, prompt_len[:, None])
+                self._masks[key] = intervene & when
+                if key in self.collect:  # collected on every row: factual rows give factual activations
+                    self._collect_at[key] = (abs_pos, when)
             base_locs.append(locs.tolist())
         if prefill and self.sources is not None:
             sources, source_locs = self.sources, self.source_locations
@@ -991,10 +1019,13 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
 
 
 def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_ids: list[list[int]], *,
-        sampler: Sampler, intervention: Intervention, eos: Sequence[int], stop=None, progress: bool = False):
+        sampler: Sampler, intervention: Intervention, eos: Sequence[int], stop=None, progress: bool = False,
+        collected: Optional[dict] = None):
     """Decode ``rows`` (their ``intervene`` flags pick the counterfactual model) with :class:`FreeRun`.
 
     Returns (new tokens per row, finish reason per row, the schedule applied or None).
+    ``collected`` (a dict, filled when given): ``{row: {key: {"positions", "activations"}}}`` for the
+    model's CollectInterventions (rows computed by a plain model collect nothing).
     Raises ValueError for logits that cannot be sampled.
     """
     device = models.device
@@ -1028,6 +1059,11 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
             decode(batches, rows, program, sampler=sampler, vocab_size=vocab, device=device)
     except StepError as err:
         raise ValueError(str(err)) from None
+    if collected is not None:
+        for runner, idx in groups:
+            if isinstance(runner, PyveneRunner) and runner.collect:
+                for r, got in zip(idx, runner.rows_collected(len(idx))):
+                    collected[r] = got
     return program.tokens, program.reason, (list(schedule) if isinstance(schedule, list) else schedule)
 
 

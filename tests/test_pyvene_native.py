@@ -234,3 +234,61 @@ def test_non_hugging_face_pyvene_models_are_refused_in_one_line():
                               gru)
     with pytest.raises(TypeError, match="GRULMHeadModel.*token-by-token decoding"):
         cfgen.generate(im, TOK, PROMPTS, max_new_tokens=2)
+
+
+def _hidden(model, seq, layer, add=None):
+    """Output of decoder layer ``layer`` for ``seq`` in a plain forward (``add`` added to layer 0's output)."""
+    seen = []
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def adder(mod, args, out):
+        return (out[0] + add,) + out[1:] if isinstance(out, tuple) else out + add
+
+    handles = [model.model.layers[layer].register_forward_hook(lambda mod, args, out: seen.append(first(out)))]
+    if add is not None:
+        handles.append(model.model.layers[0].register_forward_hook(adder))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([seq]))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen[0][0]
+
+
+def test_collect_intervention_returns_factual_and_counterfactual_activations():
+    model = tiny_llama(init=0.5)
+    reference = tiny_llama(init=0.5)  # same weights, never wrapped by pyvene (its hidden states stay intact)
+    im = pv.IntervenableModel([{"layer": 0, "component": "block_output", "intervention_type": pv.AdditionIntervention},
+                               {"layer": 1, "component": "block_output", "intervention_type": pv.CollectIntervention}],
+                              model)
+    add_key, collect_key = im.sorted_keys
+    rep = torch.linspace(-1, 1, D)
+    r = cfgen.generate(im, TOK, PROMPTS, max_new_tokens=5, seed=1, intervene_on="all",
+                       source_representations={add_key: rep}, eos_token_id=[])
+    assert set(r.collected) == {"factual", "counterfactual"}
+    for p in range(len(PROMPTS)):
+        for kind, ids_, add in (("factual", r.factual_ids, None), ("counterfactual", r.counterfactual_ids, rep)):
+            got = r.collected[kind][p][collect_key]
+            seq = r.prompt_ids[p] + ids_[p][:-1]  # the last sampled token is never fed
+            assert got["positions"] == list(range(len(seq)))
+            want = _hidden(reference, seq, 1, add)
+            torch.testing.assert_close(got["activations"].reshape(len(seq), D), want, atol=1e-5, rtol=1e-5)
+
+
+def test_collect_at_unit_locations_collects_those_prompt_positions_only():
+    model = tiny_llama(init=0.5)
+    reference = tiny_llama(init=0.5)
+    im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention_type": pv.CollectIntervention},
+                              model)
+    r = cfgen.generate(im, TOK, PROMPTS, max_new_tokens=3, seed=1, unit_locations={"base": [1, 2, 4]}, eos_token_id=[])
+    key = im.sorted_keys[0]
+    for kind in ("factual", "counterfactual"):
+        for p in range(len(PROMPTS)):
+            got = r.collected[kind][p][key]
+            assert got["positions"] == [1, 2, 4]
+            want = _hidden(reference, r.prompt_ids[p], 1)[[1, 2, 4]]
+            torch.testing.assert_close(got["activations"].reshape(3, D), want, atol=1e-5, rtol=0)
+    assert r.identical == [True, True]  # collecting changes nothing
