@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -690,6 +690,73 @@ def _shift(unit: str, loc, pad: int):
     return [q + pad for q in loc]
 
 
+SOURCE_FORMS = (
+    "sources may be: a string or token-id list (one source for every prompt); a list of them (one per prompt); "
+    "pyvene's forms: tokenized inputs (a dict / BatchEncoding with input_ids, optionally attention_mask) or a list "
+    "with one such entry (or None) per intervention group; or a list with one list of strings per intervention group"
+)
+
+
+def _tokenized(x) -> bool:
+    return isinstance(x, Mapping) and "input_ids" in x
+
+
+def _read_sources(sources, n_groups: int, n_prompts: int) -> list:
+    """One source form per intervention group: None, a tokenized dict, or a list of per-prompt strings / ids."""
+    if isinstance(sources, Mapping):
+        if not _tokenized(sources):
+            raise ValueError(f"sources is a dict without input_ids. {SOURCE_FORMS}")
+        return [sources] * n_groups
+    if isinstance(sources, (list, tuple)) and sources and all(s is None or isinstance(s, Mapping) for s in sources):
+        if not all(s is None or _tokenized(s) for s in sources):
+            raise ValueError(f"a sources entry is a dict without input_ids. {SOURCE_FORMS}")
+        if len(sources) == 1:
+            return list(sources) * n_groups
+        if len(sources) != n_groups:
+            raise ValueError(f"{len(sources)} tokenized sources for {n_groups} intervention groups: pyvene takes one "
+                             f"per group (or one for all). {SOURCE_FORMS}")
+        return list(sources)
+    if (isinstance(sources, (list, tuple)) and sources and all(isinstance(s, (list, tuple)) for s in sources)
+            and all(s and isinstance(s[0], str) for s in sources)):
+        if len(sources) != n_groups:
+            raise ValueError(f"{len(sources)} lists of source strings for {n_groups} intervention groups; give one "
+                             f"per group. {SOURCE_FORMS}")
+        return [list(s) for s in sources]
+    if isinstance(sources, (list, tuple)) and any(isinstance(s, Mapping) for s in sources):
+        raise ValueError(f"sources mixes tokenized inputs with other entries. {SOURCE_FORMS}")
+    return [sources] * n_groups
+
+
+def _source_rows(form, tokenizer, rows_prompt: list[int], n_prompts: int, device):
+    """One group's source -> (pyvene input for the runner's rows, per-row position shift, per-row length, name).
+
+    Strings are tokenized and left-padded by cfgen (positions count from each source's first token); tokenized
+    inputs are used as given (positions in those tensors' coordinates, as in pyvene)."""
+    if _tokenized(form):
+        inputs = {k: v for k, v in form.items() if isinstance(v, torch.Tensor)}
+        ids = inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] not in (1, n_prompts):
+            raise ValueError(f"tokenized sources have input_ids of shape {tuple(ids.shape)}; pyvene needs "
+                             f"[batch, length] with one row per prompt ({n_prompts}) or one row for all")
+        index = torch.tensor([p if ids.shape[0] > 1 else 0 for p in rows_prompt], device=ids.device)
+        inputs = {k: v.index_select(0, index).to(device) for k, v in inputs.items()}
+        width = ids.shape[1]
+        return inputs, [0] * len(rows_prompt), [width] * len(rows_prompt), "tokenized source row"
+    src_list = as_list(form, "sources")
+    if len(src_list) == 1:
+        src_list = src_list * n_prompts
+    if len(src_list) != n_prompts:
+        raise ValueError(f"{len(src_list)} sources for {n_prompts} prompts; give one per prompt or one for all. "
+                         f"{SOURCE_FORMS}")
+    src_ids = encode(tokenizer, src_list, "sources", special=True)
+    rows_src = [src_ids[p] for p in rows_prompt]
+    ids, mask = left_pad(rows_src, pad_id(tokenizer), device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    width = ids.shape[1]
+    return ({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, [width - len(s) for s in rows_src],
+            [len(s) for s in rows_src], "source")
+
+
 def _read_representations(pv, given, n_prompts: int, active: list[str], rows_prompt: list[int], device) -> dict:
     """pyvene's source_representations forms (a tensor for every intervention, a list in ``sorted_keys`` order, a
     dict by key) -> ``{key: [rows, 1 or units, d]}``. A tensor may be ``[d]``, ``[1, d]`` or ``[1, 1, d]`` (every
@@ -796,28 +863,33 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
 
     src_inputs = None
     if sources is not None:
-        src_list = as_list(sources, "sources")
-        if len(src_list) == 1:
-            src_list = src_list * n_prompts
-        if len(src_list) != n_prompts:
-            raise ValueError(f"{len(src_list)} sources for {n_prompts} prompts; give one per prompt or one for all")
-        src_ids = encode(tokenizer, src_list, "sources", special=True)
-        rows_src = [src_ids[p] for p in rows_prompt]
-        ids, mask = left_pad(rows_src, pad_id(tokenizer), device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        src_inputs = [{"input_ids": ids, "attention_mask": mask, "position_ids": pos}] * len(pv._intervention_group)
+        groups = dict(pv._intervention_group)
+        per_group = _read_sources(sources, len(groups), n_prompts)
+        built: dict[int, tuple] = {}  # id(form) -> (inputs, per-row shift, per-row length, what)
+        src_inputs = []
+        for g in range(len(groups)):
+            form = per_group[g]
+            if form is None:
+                src_inputs.append(None)
+                continue
+            if id(form) not in built:
+                built[id(form)] = _source_rows(form, tokenizer, rows_prompt, n_prompts, device)
+            src_inputs.append(built[id(form)][0])
         if src is None:
             src = base
-        width = ids.shape[1]
+        group_of = {k: g for g, ks in groups.items() for k in ks}
         src_locations = []
         for k in keys:
+            form = per_group[group_of[k]] if k in group_of else None
             locs = per_row(src[k]) if k in src else default(k)
-            shifted = []
-            for r, loc in enumerate(locs):
-                n_src = len(rows_src[r])
-                if k in src:
-                    _check_units(pv, k, units[k], loc, n_src, f"source {rows_prompt[r]}")
-                shifted.append(_shift(units[k], loc, width - n_src))
+            if form is None or k not in src:
+                shifted = [_shift(units[k], loc, 0) for loc in locs]
+            else:
+                _, shifts, lengths, what = built[id(form)]
+                shifted = []
+                for r, loc in enumerate(locs):
+                    _check_units(pv, k, units[k], loc, lengths[r], f"{what} {rows_prompt[r]}")
+                    shifted.append(_shift(units[k], loc, shifts[r]))
             if units[k] == "h.pos":
                 shifted = [[s[0] for s in shifted], [s[1] for s in shifted]]
             src_locations.append(shifted)

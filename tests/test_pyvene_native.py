@@ -292,3 +292,49 @@ def test_collect_at_unit_locations_collects_those_prompt_positions_only():
             want = _hidden(reference, r.prompt_ids[p], 1)[[1, 2, 4]]
             torch.testing.assert_close(got["activations"].reshape(3, D), want, atol=1e-5, rtol=0)
     assert r.identical == [True, True]  # collecting changes nothing
+
+
+def _left_padded(texts):
+    seqs = [TOK(t)["input_ids"] for t in texts]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_tokenized_sources_use_their_tensor_coordinates(model):
+    iv = vanilla(model)
+    enc = _left_padded(SOURCES)  # the second source is left-padded by 6: its tokens sit at 6..11
+    form = ([[[8], [9]]], [[[2], [3]]])  # tensor coordinates for the source, prompt coordinates for the base
+    check(iv, lambda p: {"sources": [{k: v[p:p + 1] for k, v in enc.items()}],
+                         "unit_locations": {"sources->base": ([[form[0][0][p]]], [[form[1][0][p]]])}},
+          sources=enc, unit_locations={"sources->base": form})
+    check(iv, lambda p: {"sources": [{k: v[p:p + 1] for k, v in enc.items()}],
+                         "unit_locations": {"sources->base": ([[form[0][0][p]]], [[form[1][0][p]]])}},
+          sources=[enc], unit_locations={"sources->base": form})
+
+
+def test_sources_one_per_intervention_group(model):
+    iv = pv.IntervenableModel([{"layer": 0, "component": "block_output", "group_key": 0},
+                               {"layer": 1, "component": "block_output", "group_key": 1}], model)
+    other = ["mnopqrstuvwx", "lkjihg"]
+    a, b = _left_padded(SOURCES), _left_padded(other)
+    locs = ([[[1], [7]], [[2], [8]]], [[[3], [0]], [[4], [5]]])
+
+    def ref(p):
+        return {"sources": [{k: v[p:p + 1] for k, v in a.items()}, {k: v[p:p + 1] for k, v in b.items()}],
+                "unit_locations": {"sources->base": ([[locs[0][i][p]] for i in range(2)],
+                                                     [[locs[1][i][p]] for i in range(2)])}}
+
+    check(iv, ref, sources=[a, b], unit_locations={"sources->base": locs})
+    with pytest.raises(ValueError, match="3 tokenized sources for 2 intervention groups"):
+        cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, sources=[a, b, a], unit_locations={"sources->base": 1})
+
+
+def test_source_strings_per_intervention_group(model):
+    iv = pv.IntervenableModel([{"layer": 0, "component": "block_output", "group_key": 0},
+                               {"layer": 1, "component": "block_output", "group_key": 1}], model)
+    other = ["mnopqrstuvwx", "lkjihg"]
+    check(iv, lambda p: {"sources": [{"input_ids": ids(SOURCES[p])}, {"input_ids": ids(other[p])}],
+                         "unit_locations": {"sources->base": 2}},
+          sources=[SOURCES, other], unit_locations={"sources->base": 2})
