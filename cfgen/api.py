@@ -58,7 +58,9 @@ def generate(
             intervention) or a ``(factual_model, counterfactual_model)`` pair (weight
             edits, model swaps; the second may itself be an IntervenableModel).
         tokenizer: the shared tokenizer (a pair of tokenizers is checked for equality).
-        prompts: a string, a list of token ids, or a list of either.
+        prompts: a string, a list of token ids, or a list of either; or tokenized tensors as pyvene users
+            pass them (a dict / ``BatchEncoding`` with ``input_ids`` and ``attention_mask``, left or right
+            padded): positions in ``unit_locations`` are then in those tensors' coordinates, as in pyvene.
         max_new_tokens: the number of new tokens at most; each row stops at its own EOS.
         sampler: a :class:`cfgen.Sampler`; or HF-style ``temperature=``, ``top_k=``,
             ``top_p=``, ``do_sample=``. Defaults to a ``CounterfactualSampling`` site in the
@@ -105,7 +107,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    prompt_list = E.as_list(prompts, "prompts")
+    given = E.tokenized_prompts(prompts)
+    layouts = given[1] if given else None
+    prompt_list = given[0] if given else E.as_list(prompts, "prompts")
     prompt_ids = E.encode(tokenizer, prompt_list, "prompts", special=True)
     E.check_ids(E.hf_model(models.factual), prompt_ids, "prompts")
     E.check_context(E.hf_model(models.factual), prompt_ids, [max_new_tokens] * len(prompt_ids))
@@ -124,7 +128,8 @@ def generate(
             intervene.append(flag)
             stream.append(st)
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds,
-                max_new=[max_new_tokens] * len(context), stream=stream, intervene=intervene)
+                  max_new=[max_new_tokens] * len(context), stream=stream, intervene=intervene,
+                  layout=[layouts[p] for p in rows_prompt] if layouts else [])
     collected: dict = {}
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
@@ -181,6 +186,8 @@ def counterfactual(
     distribution of counterfactuals for one observed text.
 
     Args:
+        prompts: as for :func:`cfgen.generate` (tokenized tensors included; the factual logits are
+            computed on each prompt's real tokens).
         observed: continuation strings (tokenized once, without special tokens;
             a warning says when decoding them does not give the string back) or
             token-id lists, one per prompt.
@@ -210,7 +217,9 @@ def counterfactual(
     seed = 0 if seed is None else seed
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    prompt_list = E.as_list(prompts, "prompts")
+    given = E.tokenized_prompts(prompts)
+    layouts = given[1] if given else None
+    prompt_list = given[0] if given else E.as_list(prompts, "prompts")
     obs_list = E.as_list(observed, "observed")
     if len(obs_list) != len(prompt_list):
         raise ValueError(f"{len(obs_list)} observed continuations for {len(prompt_list)} prompts; give one each")
@@ -258,7 +267,8 @@ def counterfactual(
             post.append(posts[p][j] if st == PRIOR else None)
             mx.append(max_new[p])
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds, max_new=mx, stream=stream,
-                intervene=[True] * len(context), posterior=post)
+                  intervene=[True] * len(context), posterior=post,
+                  layout=[layouts[p] for p in rows_prompt] if layouts else [])
     collected: dict = {}
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,

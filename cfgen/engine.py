@@ -189,6 +189,30 @@ def encode(tokenizer, texts: list, name: str, *, special: bool) -> list[list[int
     return out
 
 
+def tokenized_prompts(prompts) -> Optional[tuple[list[list[int]], list[tuple[list[int], list[int]]]]]:
+    """Prompts tokenized the way pyvene users pass them (a dict / BatchEncoding with ``input_ids`` and optionally
+    ``attention_mask``, left or right padded) -> (each row's real token ids, each row's (ids, mask) as given);
+    None for any other form. Positions in ``unit_locations`` then count in these tensors' coordinates."""
+    if not (isinstance(prompts, Mapping) and "input_ids" in prompts):
+        return None
+    ids = torch.as_tensor(prompts["input_ids"])
+    mask = prompts.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if ids.dim() == 1:
+        ids, mask = ids[None], mask[None]
+    if ids.dim() != 2 or mask.shape != ids.shape:
+        raise ValueError(f"tokenized prompts need input_ids [batch, length] and an attention_mask of the same shape; "
+                         f"got {tuple(ids.shape)} and {tuple(mask.shape)}")
+    real, layout = [], []
+    for r in range(ids.shape[0]):
+        m = mask[r].tolist()
+        if not any(m):
+            raise ValueError(f"tokenized prompt row {r} has no token (its attention_mask is all 0)")
+        real.append([t for t, k in zip(ids[r].tolist(), m) if k])
+        layout.append((ids[r].tolist(), [int(k) for k in m]))
+    return real, layout
+
+
 def pad_id(tokenizer) -> int:
     """The tokenizer's pad id, else 0 (padding is always masked)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -273,6 +297,7 @@ class Rows:
     stream: list[int] = field(default_factory=list)
     intervene: list[bool] = field(default_factory=list)
     posterior: list[Optional[torch.Tensor]] = field(default_factory=list)
+    layout: list[Optional[tuple[list[int], list[int]]]] = field(default_factory=list)  # user's (ids, mask) row
 
     def __post_init__(self) -> None:
         n = len(self.context)
@@ -280,6 +305,7 @@ class Rows:
         self.stream = self.stream or [PRIOR] * n
         self.intervene = self.intervene or [False] * n
         self.posterior = self.posterior or [None] * n
+        self.layout = self.layout or [None] * n
 
     def __len__(self) -> int:
         return len(self.context)
@@ -798,10 +824,11 @@ def _read_representations(pv, given, n_prompts: int, active: list[str], rows_pro
 
 
 def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[int]], intervention: Intervention,
-                  device) -> tuple[PyveneRunner, Schedule]:
+                  device, tensor_width: Optional[int] = None) -> tuple[PyveneRunner, Schedule]:
     """Read the user's pyvene arguments (positions count from each prompt's first token) into a runner.
 
-    ``rows_prompt[r]`` is the prompt index of the runner's row ``r``.
+    ``rows_prompt[r]`` is the prompt index of the runner's row ``r``. ``tensor_width``: the prompts came as
+    tokenized tensors of this width, and positions are in their coordinates (as in pyvene).
     """
     n_prompts = len(prompt_ids)
     sources, unit_locations = intervention.sources, intervention.unit_locations
@@ -858,7 +885,8 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     if base is not None:
         for key, per in base.items():
             for p in range(n_prompts):
-                _check_units(pv, key, units[key], per[p if len(per) > 1 else 0], len(prompt_ids[p]), f"prompt {p}")
+                _check_units(pv, key, units[key], per[p if len(per) > 1 else 0],
+                             tensor_width or len(prompt_ids[p]), f"prompt {p}")
         base_locations = [per_row(base[k]) if k in base else default(k) for k in keys]
 
     src_inputs = None
@@ -903,7 +931,7 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
         subs = [[per[p if len(per) > 1 else 0] for p in rows_prompt] for per in subspaces]
     return PyveneRunner(pv, schedule=schedule, base_locations=base_locations, sources=src_inputs,
                         source_locations=src_locations, source_representations=reps, subspaces=subs,
-                        passive=passive), schedule
+                        passive=passive, shift=tensor_width is None), schedule
 
 
 # -------------------------------------------------------------- decoding --
@@ -941,14 +969,24 @@ class KVBatch:
                 self.logits = logits[:, -1, :vocab].float().expand(n, -1).clone()
                 self.feed([c[common:] for c in contexts])
                 return
-        ids, mask = left_pad(contexts, pad, device)
+        if rows.layout[0] is not None:  # the user's own tensors, left or right padded
+            ids = torch.tensor([lay[0] for lay in rows.layout], device=device)
+            mask = torch.tensor([lay[1] for lay in rows.layout], device=device)
+        else:
+            ids, mask = left_pad(contexts, pad, device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         abs_pos = pos.masked_fill(mask == 0, -1)
+        width = ids.shape[1]
+        keep = width if bool((mask[:, -1] == 0).any()) else 1  # right padding: a row's last token is not last
         logits, self.cache = runner(ids, mask, pos, None, abs_pos=abs_pos, prompt_len=self.prompt_len, rows=rows,
-                                    prefill=True)
+                                    prefill=True, keep=keep)
         self.mask = mask
         self.next_pos = mask.sum(1)
-        self.logits = logits[:, -1, :vocab].float()
+        if keep == 1:
+            self.logits = logits[:, -1, :vocab].float()
+        else:
+            last = width - 1 - mask.flip(1).argmax(1)
+            self.logits = logits[torch.arange(n, device=device), last - (width - logits.shape[1]), :vocab].float()
 
     def feed(self, seqs: list[list[int]]) -> None:
         """Append ``seqs[r]`` (possibly empty) to row ``r``; the logits follow each fed row's last token."""
@@ -1108,8 +1146,9 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
     schedule = None
     if is_intervenable(cf):
         idx = list(range(len(rows))) if models.shared else cf_rows
+        width = len(rows.layout[0][0]) if len(rows) and rows.layout[0] is not None else None
         runner, schedule = pyvene_runner(cf, tokenizer, [rows_prompt[r] for r in idx], prompt_ids, intervention,
-                                         device)
+                                         device, tensor_width=width)
         groups = [(runner, idx)] if models.shared else [(PlainRunner(models.factual), fact_rows), (runner, cf_rows)]
     else:
         if intervention.given():

@@ -338,3 +338,55 @@ def test_source_strings_per_intervention_group(model):
     check(iv, lambda p: {"sources": [{"input_ids": ids(SOURCES[p])}, {"input_ids": ids(other[p])}],
                          "unit_locations": {"sources->base": 2}},
           sources=[SOURCES, other], unit_locations={"sources->base": 2})
+
+
+def _right_padded(texts):
+    seqs = [TOK(t)["input_ids"] for t in texts]
+    width = max(map(len, seqs))
+    return {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])}
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_tokenized_prompts_use_their_tensor_coordinates(model, padding):
+    iv = vanilla(model)
+    enc = (_left_padded if padding == "left" else _right_padded)(PROMPTS)
+    base = [[6], [7]] if padding == "left" else [[6], [2]]  # real tokens of row 1: 5..10 (left) or 0..5 (right)
+    form = ([[[1], [3]]], [base])
+    spy = Spy()
+    r = cfgen.generate(iv, TOK, enc, max_new_tokens=3, seed=5, sampler=spy, eos_token_id=[], sources=SOURCES,
+                       unit_locations={"sources->base": form})
+    assert r.prompt_ids == [TOK(p)["input_ids"] for p in PROMPTS]
+    for p in range(2):
+        m = enc["attention_mask"][p:p + 1]
+        row = {"input_ids": enc["input_ids"][p:p + 1], "attention_mask": m, "position_ids": (m.cumsum(1) - 1).clamp(min=0)}
+        with torch.no_grad():
+            _, out = iv(row, sources=src(p), unit_locations={"sources->base": ([[form[0][0][p]]], [[base[p]]])})
+        last = int(m[0].nonzero().max())
+        ref = out.logits[0, last]
+        torch.testing.assert_close(spy.seen[0][2 + p], ref, atol=1e-5, rtol=0)
+        noise = cfgen.gumbel_noise(5, 0, ref.shape[-1])[0]
+        assert r.counterfactual_ids[p][0] == int((torch.log_softmax(ref, -1) + noise).argmax())
+
+
+def test_left_padded_tokenized_prompts_give_the_string_prompts_tokens(model):
+    iv = addition(model)
+    rep = torch.linspace(-2, 2, D)
+    a = cfgen.generate(iv, TOK, _left_padded(PROMPTS), max_new_tokens=6, seed=2, intervene_on="all",
+                       source_representations=rep)
+    b = cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=6, seed=2, intervene_on="all", source_representations=rep)
+    assert (a.factual_ids, a.counterfactual_ids) == (b.factual_ids, b.counterfactual_ids)
+    c = cfgen.generate(iv, TOK, _right_padded(PROMPTS), max_new_tokens=6, seed=2, intervene_on="all",
+                       source_representations=rep, temperature=1e-3)
+    d = cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=6, seed=2, intervene_on="all", source_representations=rep,
+                       temperature=1e-3)
+    assert (c.factual_ids, c.counterfactual_ids) == (d.factual_ids, d.counterfactual_ids)
+
+
+def test_hindsight_accepts_tokenized_prompts(model):
+    iv = addition(model)
+    rep = torch.zeros(D)  # identity: the observed text comes back
+    r = cfgen.counterfactual(iv, TOK, _right_padded(PROMPTS), [[5, 6, 7], [8, 9]], num_samples=2, seed=1,
+                             intervene_on="all", source_representations=rep)
+    assert r.counterfactual_ids == r.factual_ids
+    assert r.prompt_ids == [TOK(p)["input_ids"] for p in PROMPTS]
