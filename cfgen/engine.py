@@ -443,12 +443,16 @@ class PyveneRunner:
         subspaces: pyvene's subspaces, per intervention, per row.
         passive: intervention keys that are markers (never intervene).
         shift: add each row's left padding to its positions (False: locations are already batch coordinates).
+        serial: for ``mode="serial"`` configs, ``{stage: (source locations per key, destination locations per
+            key, destination is the base)}`` with pyvene's stage keys (``"source_0->source_1"``, ...).
     """
 
     def __init__(self, intervenable, *, schedule: Schedule = "all", base_locations=None, sources=None,
-                 source_locations=None, source_representations=None, subspaces=None, passive=(), shift=True):
+                 source_locations=None, source_representations=None, subspaces=None, passive=(), shift=True,
+                 serial=None):
         self.pv = intervenable
         self.shift = shift
+        self.serial = serial
         self.schedule = schedule
         self.base_locations = base_locations
         self.sources = sources
@@ -515,6 +519,23 @@ class PyveneRunner:
 
         return run
 
+    def _serial_prefill(self, base, ids, abs_pos, intervene, keep):
+        n, k = ids.shape
+        pad = (k - (abs_pos >= 0).sum(1)).tolist() if self.shift else [0] * n
+        groups = sorted(self.pv._intervention_group.items())
+        ul = {}
+        for g, (stage, (srcs, dsts, to_base)) in enumerate(self.serial.items()):
+            if to_base:
+                dsts = [[[q + pad[r] for q in loc] for r, loc in enumerate(per)] for per in dsts]
+            ul[stage] = (srcs, dsts)
+            for key_id, key in enumerate(groups[g][1]):
+                units = len(dsts[key_id][0])
+                # earlier stages patch the next source for every row; only the last one reaches the base
+                self._masks[key] = intervene.expand(n, units).clone() if to_base else \
+                    torch.ones(n, units, dtype=torch.bool, device=ids.device)
+        _, out = self.pv(base, sources=self.sources, unit_locations=ul)
+        return out.logits[:, -keep:], self.fwd.cache_of(out)
+
     def rows_collected(self, n: int) -> list[dict]:
         """Per batch row: ``{key: {"positions": [...], "activations": Tensor[units, ...]}}`` over the whole decode."""
         out: list[dict] = [{} for _ in range(n)]
@@ -539,6 +560,8 @@ class PyveneRunner:
             out = self.pv.model(**base)
             return out.logits[:, -keep:], self.fwd.cache_of(out)
         intervene = torch.tensor(rows.intervene, device=ids.device)[:, None]
+        if self.serial is not None:
+            return self._serial_prefill(base, ids, abs_pos, intervene, keep)
         base_locs, sources, source_locs, reps = [], None, None, None
         for i, key in enumerate(self.keys):
             if key in self.passive:  # the logits' last position (the only one kept, where supported)
@@ -823,6 +846,64 @@ def _read_representations(pv, given, n_prompts: int, active: list[str], rows_pro
     return reps
 
 
+def _serial_runner(pv, tokenizer, rows_prompt, prompt_ids, intervention: Intervention, device, tensor_width):
+    """``mode="serial"``: source 0 patches source 1, ..., the last source patches the base (pyvene's chain)."""
+    groups = [ks for _, ks in sorted(pv._intervention_group.items())]
+    n, n_prompts = len(groups), len(prompt_ids)
+    stages = [f"source_{g}->source_{g + 1}" for g in range(n - 1)] + [f"source_{n - 1}->base"]
+    units = _units(pv)
+    odd = [k for ks in groups for k in ks if units[k] != "pos" or
+           type(pv.interventions[k]).__name__ == "CounterfactualSampling"]
+    if odd:
+        raise ValueError(f'mode="serial" configs: cfgen runs position units ("pos") only; {odd} are not')
+    if intervention.source_representations is not None or intervention.subspaces is not None or \
+            intervention.intervene_on not in (None, "prompt"):
+        raise ValueError('mode="serial" configs take sources and unit_locations (the prompt only); '
+                         "source_representations, subspaces and intervene_on schedules need mode=\"parallel\"")
+    ul = intervention.unit_locations
+    if intervention.sources is None or not isinstance(ul, dict) or set(ul) != set(stages):
+        raise ValueError(f'a mode="serial" config with {n} intervention groups needs sources (one per group) and '
+                         f"unit_locations with exactly the keys {stages}, each as in pyvene (an int, a pair "
+                         "(source, destination) of ints or of [key in group][prompt][units] lists); got "
+                         f"unit_locations={ul!r}")
+    per_group = _read_sources(intervention.sources, n, n_prompts)
+    if any(f is None for f in per_group):
+        raise ValueError('mode="serial": every intervention group needs a source (None cannot start the chain)')
+    built = [_source_rows(f, tokenizer, rows_prompt, n_prompts, device) for f in per_group]
+    serial = {}
+    for g, stage in enumerate(stages):
+        saved = pv.use_fast
+        try:
+            pair = pv._broadcast_unit_locations(n_prompts, {stage: ul[stage]})[stage]
+        except Exception as err:  # pyvene's helper fails with raw TypeErrors on forms it cannot read
+            raise ValueError(f"cannot read unit_locations[{stage!r}]={ul[stage]!r} ({err}): {LOCATION_FORMS}") from None
+        finally:
+            pv.use_fast = saved
+        to_base = g == n - 1
+        parts = []
+        for side, part in (("source", pair[0] if len(pair) == 2 else None),
+                           ("destination", pair[1] if len(pair) == 2 else None)):
+            ok = isinstance(part, (list, tuple)) and len(part) >= len(groups[g]) and all(
+                _list_depth(part[i]) == 2 and len(part[i]) in (1, n_prompts) for i in range(len(groups[g])))
+            if not ok:
+                raise ValueError(f"cannot read the {side} part of unit_locations[{stage!r}]: give "
+                                 f"[key in group][prompt][positions]. {LOCATION_FORMS}")
+            rows = []
+            for i, key in enumerate(groups[g]):
+                per = [part[i][p if len(part[i]) > 1 else 0] for p in rows_prompt]
+                into = built[g] if side == "source" else (None if to_base else built[g + 1])
+                shifted = []
+                for r, loc in enumerate(per):
+                    length = (tensor_width or len(prompt_ids[rows_prompt[r]])) if into is None else into[2][r]
+                    _check_units(pv, key, "pos", loc, length, f"{stage} {side} of prompt {rows_prompt[r]}")
+                    shifted.append([q + (0 if into is None else into[1][r]) for q in loc])
+                rows.append(shifted)
+            parts.append(rows)
+        serial[stage] = (parts[0], parts[1], to_base)
+    return PyveneRunner(pv, schedule="prompt", base_locations=[], sources=[b[0] for b in built], serial=serial,
+                        shift=tensor_width is None)
+
+
 def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[int]], intervention: Intervention,
                   device, tensor_width: Optional[int] = None) -> tuple[PyveneRunner, Schedule]:
     """Read the user's pyvene arguments (positions count from each prompt's first token) into a runner.
@@ -837,6 +918,8 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     keys = list(pv.sorted_keys)
     passive = [k for k in keys if type(pv.interventions[k]).__name__ == "CounterfactualSampling"]
     active = [k for k in keys if k not in passive]
+    if getattr(pv, "mode", "parallel") == "serial":
+        return _serial_runner(pv, tokenizer, rows_prompt, prompt_ids, intervention, device, tensor_width), "prompt"
     if unit_locations is None and sources is not None:
         raise ValueError(
             "sources were given without unit_locations: an interchange needs to know which source positions "

@@ -52,7 +52,9 @@ def check(intervenable, per_prompt, seed=3, **kwargs):
         torch.testing.assert_close(cf_logits[p], ref, atol=1e-5, rtol=0)
         noise = cfgen.gumbel_noise(seed, 0, ref.shape[-1])[0]
         assert r.counterfactual_ids[p][0] == int((torch.log_softmax(ref, -1) + noise).argmax())
-    r.step0_logits = cf_logits
+    r.step0_logits, r.step0_factual = cf_logits, spy.seen[0][:n]
+    # every form checked here must reach the logits compared (an intervention that cannot is no test)
+    assert not torch.allclose(r.step0_logits, r.step0_factual, atol=1e-4)
     return r
 
 
@@ -97,7 +99,7 @@ def test_nested_per_intervention_per_prompt_locations(model):
 
 
 def addition(model, **kw):
-    return pv.IntervenableModel({"layer": 1, "component": "block_output",
+    return pv.IntervenableModel({"layer": 0, "component": "block_output",
                                  "intervention_type": pv.AdditionIntervention}, model, **kw)
 
 
@@ -127,7 +129,7 @@ def test_base_only_pair_with_none_source(model):
 
 def test_two_interventions_list_and_dict_of_representations(model):
     iv = pv.IntervenableModel([{"layer": 0, "component": "block_output", "intervention_type": pv.AdditionIntervention},
-                               {"layer": 1, "component": "mlp_output", "intervention_type": pv.AdditionIntervention}],
+                               {"layer": 0, "component": "mlp_output", "intervention_type": pv.AdditionIntervention}],
                               model)
     a, b = torch.linspace(-1, 1, D), torch.linspace(2, 0, D)
     check(iv, lambda p: {"unit_locations": {"base": 1}, "source_representations": [a, b]},
@@ -138,7 +140,7 @@ def test_two_interventions_list_and_dict_of_representations(model):
 
 
 def heads(model, unit):
-    return pv.IntervenableModel({"layer": 1, "component": "head_attention_value_output", "unit": unit,
+    return pv.IntervenableModel({"layer": 0, "component": "head_attention_value_output", "unit": unit,
                                  "intervention_type": pv.VanillaIntervention}, model)
 
 
@@ -213,13 +215,13 @@ def test_distributed_interventions_without_keep_last_dim_act_on_each_position(mo
                                   source_representations=rep, eos_token_id=[]))
     assert out[0].counterfactual_ids == out[1].counterfactual_ids
     assert not all(out[0].identical)  # the intervention does something
-    im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention": per_pos}, model)
+    im = pv.IntervenableModel({"layer": 0, "component": "block_output", "intervention": per_pos}, model)
     check(im, lambda p: {"unit_locations": {"base": [1, 2, 3]}, "source_representations": rep},
           unit_locations={"base": [1, 2, 3]}, source_representations=rep)
 
 
 def test_noise_intervention_needs_its_four_positions(model):
-    im = pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention_type": pv.NoiseIntervention},
+    im = pv.IntervenableModel({"layer": 0, "component": "block_output", "intervention_type": pv.NoiseIntervention},
                               model)
     check(im, lambda p: {"unit_locations": {"base": [0, 1, 2, 4]}}, unit_locations={"base": [0, 1, 2, 4]})
     with pytest.raises(ValueError, match="exactly 4 positions"):
@@ -390,3 +392,26 @@ def test_hindsight_accepts_tokenized_prompts(model):
                              intervene_on="all", source_representations=rep)
     assert r.counterfactual_ids == r.factual_ids
     assert r.prompt_ids == [TOK(p)["input_ids"] for p in PROMPTS]
+
+
+def test_serial_mode_chains_sources_as_pyvene_does(model):
+    # both at layer 0: source_1's patched value at b is what reaches the base (and its last position)
+    cfg = pv.IntervenableConfig([{"layer": 0, "component": "block_output", "group_key": 0},
+                                 {"layer": 0, "component": "block_output", "group_key": 1}],
+                                intervention_types=pv.VanillaIntervention, mode="serial")
+    iv = pv.IntervenableModel(cfg, model)
+    other = ["mnopqrstuvwx", "lkjihg"]
+    a, b = [[2], [5]], [[4], [1]]  # source_0 -> source_1 at (a -> b); source_1 -> base at (b -> base)
+    base = [[6], [3]]
+
+    def ref(p):
+        return {"sources": [{"input_ids": ids(SOURCES[p])}, {"input_ids": ids(other[p])}],
+                "unit_locations": {"source_0->source_1": ([[a[p]]], [[b[p]]]),
+                                   "source_1->base": ([[b[p]]], [[base[p]]])}}
+
+    r = check(iv, ref, sources=[SOURCES, other],
+              unit_locations={"source_0->source_1": ([a], [b]), "source_1->base": ([b], [base])})
+    assert not torch.allclose(r.step0_logits, r.step0_factual, atol=1e-3)  # the chain reaches the base
+    with pytest.raises(ValueError, match="source_0->source_1"):
+        cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, sources=[SOURCES, other],
+                       unit_locations={"sources->base": 1})
