@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -45,7 +47,7 @@ from .noise import PRIOR, gumbel_noise
 from .sampler import Sampler, check_logits
 
 __all__ = [
-    "INTERVENTIONAL", "Models", "resolve_models", "resolve_tokenizer", "resolve_sampler", "is_intervenable",
+    "INTERVENTIONAL", "import_pyvene", "Models", "resolve_models", "resolve_tokenizer", "resolve_sampler", "is_intervenable",
     "hf_model", "vocab_size", "as_list", "encode", "pad_id", "seeds_for", "check_ids", "check_context", "eos_ids",
     "stop_fn", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner", "pyvene_runner", "left_pad",
     "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "teacher_forced_logits",
@@ -57,6 +59,14 @@ Schedule = Union[str, Sequence[int]]
 
 
 # ---------------------------------------------------------------- models --
+def import_pyvene():
+    """pyvene, imported without its import-time chatter (0.1.8 prints a line about nnsight to stdout)."""
+    if "pyvene" not in sys.modules:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import pyvene  # noqa: F401
+    return sys.modules["pyvene"]
+
+
 def is_intervenable(obj) -> bool:
     """Whether ``obj`` is a ``pyvene.IntervenableModel`` (checked by name: importing pyvene costs seconds)."""
     return type(obj).__name__ == "IntervenableModel" and hasattr(obj, "interventions")

@@ -415,3 +415,27 @@ def test_serial_mode_chains_sources_as_pyvene_does(model):
     with pytest.raises(ValueError, match="source_0->source_1"):
         cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=1, sources=[SOURCES, other],
                        unit_locations={"sources->base": 1})
+
+
+def test_no_deprecation_warning_or_import_chatter_reaches_the_user():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import warnings; warnings.simplefilter('always')\n"
+        "import cfgen.engine; pv = cfgen.engine.import_pyvene()\n"
+        "import torch, cfgen\n"
+        "from conftest import tiny_llama, tiny_gpt2, CharTokenizer\n"
+        "for make in (tiny_llama, tiny_gpt2):\n"
+        "    m = make()\n"
+        "    iv = pv.IntervenableModel({'layer': 0, 'component': 'block_output',"
+        " 'intervention_type': pv.AdditionIntervention}, m)\n"
+        "    cfgen.generate(iv, CharTokenizer(), ['abc', 'hello'], max_new_tokens=3, source_representations=torch.ones(16))\n"
+        "    cfgen.counterfactual(iv, CharTokenizer(), 'abc', [[5, 6]], source_representations=torch.ones(16))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.returncode == 0, out.stderr
+    assert "deprecated" not in out.stderr.lower() and "deprecated" not in out.stdout.lower(), out.stderr
+    assert "nnsight" not in out.stdout, out.stdout
