@@ -49,7 +49,8 @@ from .sampler import Sampler, check_logits
 __all__ = [
     "INTERVENTIONAL", "import_pyvene", "Models", "resolve_models", "resolve_tokenizer", "resolve_sampler", "is_intervenable",
     "hf_model", "vocab_size", "as_list", "encode", "pad_id", "seeds_for", "check_ids", "check_context", "eos_ids",
-    "stop_fn", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner", "pyvene_runner", "left_pad",
+    "stop_fn", "tokenized_prompts", "check_hf", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner",
+    "pyvene_runner", "read_unit_locations", "left_pad",
     "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "teacher_forced_logits",
 ]
 
