@@ -439,3 +439,11 @@ def test_no_deprecation_warning_or_import_chatter_reaches_the_user():
     assert out.returncode == 0, out.stderr
     assert "deprecated" not in out.stderr.lower() and "deprecated" not in out.stdout.lower(), out.stderr
     assert "nnsight" not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("subspaces", [1, [1], [[[1], [1]]], [[[1]]]])
+def test_subspaces_broadcast_as_in_pyvene(model, subspaces):
+    iv = pv.IntervenableModel({"layer": 0, "component": "block_output", "intervention": pv.VanillaIntervention(
+        embed_dim=D, subspace_partition=[[0, 8], [8, 16]])}, model)
+    check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": 3}, "subspaces": [[[1]]]},
+          sources=SOURCES, unit_locations={"sources->base": 3}, subspaces=subspaces)
