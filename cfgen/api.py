@@ -238,6 +238,8 @@ def counterfactual(
     E.check_context(E.hf_model(models.factual), prompt_ids, max_new)
     base_seeds = E.seeds_for(seed, len(prompt_ids))
     pad_id = E.pad_id(tokenizer)
+    intervention = E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on)
+    E.check_intervention(models, tokenizer, prompt_ids, intervention, len(layouts[0][0]) if layouts else None)
     logits = E.teacher_forced_logits(E.hf_model(models.factual), prompt_ids, obs_ids, pad_id)
     vocab = E.vocab_size(E.hf_model(models.factual))
 

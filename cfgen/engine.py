@@ -51,7 +51,7 @@ __all__ = [
     "hf_model", "vocab_size", "as_list", "encode", "pad_id", "seeds_for", "check_ids", "check_context", "eos_ids",
     "stop_fn", "tokenized_prompts", "check_hf", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner",
     "pyvene_runner", "read_unit_locations", "left_pad",
-    "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "teacher_forced_logits",
+    "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "check_intervention", "teacher_forced_logits",
 ]
 
 INTERVENTIONAL = 4  # noise stream of the interventional baseline (fresh noise, same seed)
@@ -1270,6 +1270,20 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
                 for r, got in zip(idx, runner.rows_collected(len(idx))):
                     collected[r] = got
     return program.tokens, program.reason, (list(schedule) if isinstance(schedule, list) else schedule)
+
+
+def check_intervention(models: Models, tokenizer, prompt_ids: list[list[int]], intervention: Intervention,
+                       tensor_width: Optional[int] = None) -> None:
+    """Read the pyvene arguments once for every prompt, so a form that cannot be honoured is refused before any
+    model work (front-ends that compute logits before decoding call this first)."""
+    cf = models.counterfactual
+    if not is_intervenable(cf):
+        if intervention.given():
+            raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
+                             "pyvene.IntervenableModel as the counterfactual model")
+        return
+    pyvene_runner(cf, tokenizer, list(range(len(prompt_ids))), prompt_ids, intervention, models.device,
+                  tensor_width=tensor_width)
 
 
 def teacher_forced_logits(model, contexts: list[list[int]], targets: list[list[int]], pad: int) -> list[torch.Tensor]:

@@ -371,6 +371,12 @@ def do(
         budgets.append(budget)
 
     prompt_ids = result.prompt_ids
+    intervention = E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on)
+    if not intervene and intervention.given():
+        raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
+                         "pyvene.IntervenableModel (or a pair whose second model is one)")
+    if intervene:
+        E.check_intervention(models, tokenizer, prompt_ids, intervention)
     need_logits = hindsight or any(isinstance(w, Alternative) for s in specs for w in s.values())
     logits = {}
     if need_logits:
@@ -412,10 +418,6 @@ def do(
                            "posterior": posts[r] if stream == PRIOR else None, "done": False, "reason": "length",
                            "applied": set()})
     E.check_context(hf, [s["prompt"] for s in states], [s["budget"] for s in states])
-    intervention = E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on)
-    if not intervene and intervention.given():
-        raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
-                         "pyvene.IntervenableModel (or a pair whose second model is one)")
     _segments(models, tokenizer, sampler, states, prompt_ids, intervene=intervene, intervention=intervention, eos=eos,
               stop=E.stop_fn(tokenizer, stop_strings), progress=progress)
 

@@ -447,3 +447,21 @@ def test_subspaces_broadcast_as_in_pyvene(model, subspaces):
         embed_dim=D, subspace_partition=[[0, 8], [8, 16]])}, model)
     check(iv, lambda p: {"sources": src(p), "unit_locations": {"sources->base": 3}, "subspaces": [[[1]]]},
           sources=SOURCES, unit_locations={"sources->base": 3}, subspaces=subspaces)
+
+
+def test_hindsight_and_do_refuse_a_bad_form_before_any_model_work(model, monkeypatch):
+    import cfgen.tokens
+
+    def no_model_work(*a, **k):
+        raise AssertionError("model work before the arguments were checked")
+
+    monkeypatch.setattr(cfgen.engine, "teacher_forced_logits", no_model_work)
+    iv = vanilla(model)
+    with pytest.raises(ValueError, match="unknown unit_locations key"):
+        cfgen.counterfactual(iv, TOK, PROMPTS, [[5, 6], [7]], sources=SOURCES, unit_locations={"src": 1})
+    fake = cfgen.CounterfactualResult(
+        prompts=PROMPTS, prompt_ids=[TOK(p)["input_ids"] for p in PROMPTS], factual_ids=[[5, 6], [7, 8]],
+        counterfactual_ids=[[5, 6], [7, 8]], seeds=[0, 0], sampler=cfgen.Sampler(), mode="hindsight",
+        prompt_index=[0, 1], sample_index=[0, 0], tokenizer=TOK)
+    with pytest.raises(ValueError, match="no base locations"):
+        cfgen.tokens.do(iv, TOK, fake, {1: 9}, sources=SOURCES, unit_locations={"sources->base": (2, None)})
