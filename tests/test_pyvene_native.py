@@ -465,3 +465,19 @@ def test_hindsight_and_do_refuse_a_bad_form_before_any_model_work(model, monkeyp
         prompt_index=[0, 1], sample_index=[0, 0], tokenizer=TOK)
     with pytest.raises(ValueError, match="no base locations"):
         cfgen.tokens.do(iv, TOK, fake, {1: 9}, sources=SOURCES, unit_locations={"sources->base": (2, None)})
+
+
+@pytest.mark.parametrize("form", [[3, 1], [0, 2, 4], 2, (None, 4)])
+def test_base_only_forms_mean_what_pyvene_means(model, form):
+    # pyvene reads {"base": [s, b]} as source s -> base b like "sources->base": only base position b is touched
+    iv = addition(model)
+    rep = torch.linspace(-2, 2, D)
+    check(iv, lambda p: {"unit_locations": {"base": form}, "source_representations": rep},
+          unit_locations={"base": form}, source_representations=rep)
+
+
+def test_base_positions_in_pyvene_nesting_apply_to_every_prompt(model):
+    iv = addition(model)
+    rep = torch.linspace(-2, 2, D)
+    check(iv, lambda p: {"unit_locations": {"base": [[[3, 5]]]}, "source_representations": rep},
+          unit_locations={"base": [[[3, 5]]]}, source_representations=rep)
