@@ -481,3 +481,17 @@ def test_base_positions_in_pyvene_nesting_apply_to_every_prompt(model):
     rep = torch.linspace(-2, 2, D)
     check(iv, lambda p: {"unit_locations": {"base": [[[3, 5]]]}, "source_representations": rep},
           unit_locations={"base": [[[3, 5]]]}, source_representations=rep)
+
+
+def test_interventions_confined_to_the_prompt_do_not_run_at_generated_steps(model):
+    iv = addition(model)
+    calls = []
+    inner = iv.interventions[iv.sorted_keys[0]]
+    inner.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=6, seed=0, unit_locations={"base": [[[1, 2]]]},
+                   source_representations=torch.ones(D), eos_token_id=[])
+    assert len(calls) == 1  # the prefill only; the KV cache carries the intervened prompt
+    calls.clear()
+    cfgen.generate(iv, TOK, PROMPTS, max_new_tokens=6, seed=0, intervene_on="generation",
+                   source_representations=torch.ones(D), eos_token_id=[])
+    assert len(calls) == 6  # a schedule over generated tokens runs at every step
