@@ -400,18 +400,21 @@ class PlainRunner:
 
 
 _BATCH_BUG = ("BoundlessRotatedSpaceIntervention", "SigmoidMaskRotatedSpaceIntervention")
+_PER_UNIT = ("DistributedRepresentationIntervention", "AutoencoderIntervention", "JumpReLUAutoencoderIntervention",
+             "CollectIntervention")  # pyvene slices a flattened Collect to its first unit
 
 
 def _one_position_per_unit(iv, forward: Callable) -> Callable:
     """Distributed interventions built without ``keep_last_dim=True`` (RotatedSpace, LowRank, Boundless,
-    SigmoidMaskRotated, Autoencoder) see ``[batch, units * d]`` and expect one unit: apply them to each unit
-    on its own, as ``keep_last_dim=True`` would (pyvene itself fails on several units). Boundless and
+    SigmoidMaskRotated, Autoencoder; and Collect) see ``[batch, units * d]`` and expect one unit: apply them
+    to each unit on its own, as ``keep_last_dim=True`` would (pyvene itself fails on several units). Boundless and
     SigmoidMaskRotated built with ``keep_last_dim=True`` size their mask by the batch and fail on
     ``[batch, units, d]`` in pyvene 0.1.8 unless batch == units: they get ``[batch * units, d]`` too."""
     d = getattr(iv, "embed_dim", None)
     d = int(d) if isinstance(d, torch.Tensor) and d.numel() == 1 else d  # pyvene stores it as a tensor
     keep = getattr(iv, "keep_last_dim", True)
-    if not isinstance(d, int) or d <= 0 or (keep and type(iv).__name__ not in _BATCH_BUG):
+    per_unit = any(c.__name__ in _PER_UNIT for c in type(iv).__mro__)  # pyvene's distributed family (+ subclasses)
+    if not per_unit or not isinstance(d, int) or d <= 0 or (keep and type(iv).__name__ not in _BATCH_BUG):
         return forward
 
     def run(base, source=None, subspaces=None, **kwargs):
