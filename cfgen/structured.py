@@ -41,7 +41,6 @@ counterfactual_model)`` pair of them (the second regenerates under
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,10 +48,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .api import INTERVENTIONAL, _eos_ids, _is_intervenable, _vocab_size
-from .decode import _left_pad
-from .noise import PRIOR, gumbel_noise
-from .sampler import Sampler, check_logits
+from . import engine as E
+from .engine import INTERVENTIONAL
+from .noise import PRIOR
+from .sampler import Sampler
 
 __all__ = ["Schema", "Records", "FieldCounterfactual", "generate_records", "do_field", "parse_number", "choice"]
 
@@ -292,75 +291,6 @@ class FieldCounterfactual:
 
 
 # --------------------------------------------------------------- the loop --
-def _common_prefix(seqs: list[list[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
-
-
-def _keep_kw(model, k: int) -> dict:
-    # Only the last k positions' logits are needed; the vocabulary projection of a
-    # whole prompt is a large part of a small model's prefill.
-    try:
-        ok = "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        ok = False
-    return {"logits_to_keep": k} if ok else {}
-
-
-class _Cached:
-    """A KV-cached batch whose rows can be fed different numbers of tokens (masked padding)."""
-
-    def __init__(self, model, contexts: list[list[int]], pad_id: int, vocab: int, device):
-        self.model, self.pad, self.vocab, self.device = model, pad_id, vocab, device
-        n = len(contexts)
-        common = _common_prefix(contexts)
-        if n > 1 and common >= 8:
-            # Rows share a prompt: prefill it once, copy its cache to every row, feed the rest.
-            ids = torch.tensor([contexts[0][:common]], device=device)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(common,
-                        device=device)[None], use_cache=True, **_keep_kw(model, 1))
-            cache = out.past_key_values
-            if hasattr(cache, "batch_repeat_interleave"):
-                cache.batch_repeat_interleave(n)
-                self.cache = cache
-                self.mask = torch.ones((n, common), dtype=torch.long, device=device)
-                self.next_pos = torch.full((n,), common, dtype=torch.long, device=device)
-                self.logits = out.logits[:, -1, :vocab].float().expand(n, -1).clone()
-                self.feed([c[common:] for c in contexts])
-                return
-        ids, mask = _left_pad(contexts, pad_id, device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_keep_kw(model, 1))
-        self.cache, self.mask = out.past_key_values, mask
-        self.next_pos = mask.sum(1)
-        self.logits = out.logits[:, -1, :vocab].float()
-
-    def feed(self, seqs: list[list[int]]) -> None:
-        k = max(len(s) for s in seqs)
-        if k == 0:
-            return
-        n = len(seqs)
-        ids = torch.full((n, k), self.pad, dtype=torch.long, device=self.device)
-        m = torch.zeros((n, k), dtype=torch.long, device=self.device)
-        for r, s in enumerate(seqs):
-            if s:
-                ids[r, :len(s)] = torch.tensor(s, device=self.device)
-                m[r, :len(s)] = 1
-        pos = self.next_pos[:, None] + (m.cumsum(1) - 1).clamp(min=0)
-        self.mask = torch.cat([self.mask, m], 1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, **_keep_kw(self.model, k))
-        self.cache = out.past_key_values
-        fed = m.sum(1)
-        logits = out.logits[:, -k:]
-        got = logits[torch.arange(n, device=self.device), (fed - 1).clamp(min=0), :self.vocab].float()
-        self.logits = torch.where((fed > 0)[:, None], got, self.logits)
-        self.next_pos = self.next_pos + fed
-
-
 def _newline_test(tokenizer):
     seen: dict[int, bool] = {}
 
@@ -372,64 +302,83 @@ def _newline_test(tokenizer):
     return has_newline
 
 
+class _Fields:
+    """The decode program of a record: feed each field's label (after the previous value's pending tokens),
+    sample its value with the noise of steps ``i * max_value_tokens + j`` until a newline, EOS or the budget;
+    rows whose value ended wait (fed nothing) while the others finish theirs."""
+
+    def __init__(self, schema: Schema, label_ids, n: int, start: int, eos: list[int], newline_ids: list[int],
+                 has_nl: Callable[[int], bool]):
+        self.schema, self.label_ids, self.n, self.i, self.j = schema, label_ids, n, start, 0
+        self.eos, self.newline = set(eos), list(newline_ids)
+        self.has_nl = has_nl
+        nf = len(schema.fields)
+        self.values = [[[] for _ in range(nf)] for _ in range(n)]
+        self.fillers = [[[] for _ in range(nf)] for _ in range(n)]
+        self.finish = [["" for _ in range(nf)] for _ in range(n)]
+        self.pending: list[list[int]] = [[] for _ in range(n)]
+        self.active = [True] * n
+
+    def where(self) -> str:
+        return f"field {self.schema.fields[self.i]!r}, value token {self.j}"
+
+    def _open_field(self):
+        if self.i >= len(self.schema.fields):
+            return None
+        feeds = [self.pending[r] + self.label_ids[self.i] for r in range(self.n)]
+        self.pending = [[] for _ in range(self.n)]
+        self.active, self.j = [True] * self.n, 0
+        return feeds, [self.i * self.schema.max_value_tokens] * self.n
+
+    def next(self, sel, token):
+        if token is None:
+            return self._open_field()
+        i, j, m = self.i, self.j, self.schema.max_value_tokens
+        feed: list[list[int]] = [[] for _ in range(self.n)]
+        for r, tok in zip(sel, token.tolist()):
+            if tok in self.eos:
+                self.finish[r][i], self.fillers[r][i], self.active[r] = "eos", list(self.newline), False
+                self.pending[r] = list(self.newline)
+                continue
+            self.values[r][i].append(tok)
+            if self.has_nl(tok):
+                self.finish[r][i], self.active[r] = "newline", False
+                self.pending[r] = [tok]
+            elif j == m - 1:
+                self.finish[r][i], self.fillers[r][i], self.active[r] = "length", list(self.newline), False
+                self.pending[r] = [tok] + list(self.newline)
+            else:
+                feed[r] = [tok]
+        if not any(self.active):
+            self.i += 1
+            return self._open_field()
+        self.j = j + 1
+        return feed, [i * m + self.j if self.active[r] else None for r in range(self.n)]
+
+
 def _fill(model, tokenizer, schema: Schema, label_ids, contexts, seeds, streams, start: int, sampler: Sampler,
           eos: list[int], newline_ids: list[int]):
     """Sample the values of fields start.. for every row; contexts end right before label ``start``."""
     device = next(model.parameters()).device
-    vocab = _vocab_size(model)
+    vocab = E.vocab_size(model)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else pad
-    n, m = len(contexts), schema.max_value_tokens
-    has_nl = _newline_test(tokenizer)
-    eos_set = set(eos)
-    values = [[[] for _ in schema.fields] for _ in range(n)]
-    fillers = [[[] for _ in schema.fields] for _ in range(n)]
-    finish = [["" for _ in schema.fields] for _ in range(n)]
-    seeds_t = torch.tensor(seeds, dtype=torch.long, device=device)
-    streams_t = torch.tensor(streams, device=device)
-    with torch.no_grad():
-        state = _Cached(model, contexts, pad, vocab, device)
-        pending: list[list[int]] = [[] for _ in range(n)]
-        for i in range(start, len(schema.fields)):
-            state.feed([pending[r] + label_ids[i] for r in range(n)])
-            pending = [[] for _ in range(n)]
-            active = [True] * n
-            for j in range(m):
-                idx = [r for r in range(n) if active[r]]
-                sel = torch.tensor(idx, device=device)
-                logits = state.logits[sel]
-                try:
-                    check_logits(logits)
-                except ValueError as err:
-                    raise ValueError(f"field {schema.fields[i]!r}, value token {j}: {err}") from None
-                u = torch.empty_like(logits)
-                for st in torch.unique(streams_t[sel]).tolist():
-                    part = (streams_t[sel] == st).nonzero()[:, 0]
-                    u[part] = gumbel_noise(seeds_t[sel][part], i * m + j, vocab, stream=st, device=device)
-                toks = sampler.sample(logits, u).tolist()
-                feed: list[list[int]] = [[] for _ in range(n)]
-                for r, tok in zip(idx, toks):
-                    if tok in eos_set:
-                        finish[r][i], fillers[r][i], active[r] = "eos", list(newline_ids), False
-                        pending[r] = list(newline_ids)
-                        continue
-                    values[r][i].append(tok)
-                    if has_nl(tok):
-                        finish[r][i], active[r] = "newline", False
-                        pending[r] = [tok]
-                    elif j == m - 1:
-                        finish[r][i], fillers[r][i], active[r] = "length", list(newline_ids), False
-                        pending[r] = [tok] + list(newline_ids)
-                    else:
-                        feed[r] = [tok]
-                if not any(active):
-                    break
-                state.feed(feed)
-    return values, fillers, finish
+    n = len(contexts)
+    rows = E.Rows(context=contexts, prompt_len=[len(c) for c in contexts], seed=list(seeds),
+                  max_new=[0] * n, stream=list(streams))
+    program = _Fields(schema, label_ids, n, start, eos, newline_ids, _newline_test(tokenizer))
+    try:
+        with torch.no_grad():
+            # One KV cache per batch across fields; rows sharing a prompt prefill it once.
+            batch = E.KVBatch(E.PlainRunner(model), rows, pad=pad, vocab=vocab, device=device, share_prefix=True)
+            E.decode([(batch, list(range(n)))], rows, program, sampler=sampler, vocab_size=vocab, device=device)
+    except E.StepError as err:
+        raise ValueError(str(err)) from None
+    return program.values, program.fillers, program.finish
 
 
 def _resolve(model):
-    if _is_intervenable(model):
+    if E.is_intervenable(model):
         raise TypeError(
             "cfgen.structured works on plain Hugging Face models; for an intervened model pass a "
             "(factual_model, counterfactual_model) pair of plain models"
@@ -438,9 +387,9 @@ def _resolve(model):
         if len(model) != 2:
             raise ValueError(f"a model pair must be (factual_model, counterfactual_model), got {len(model)} items")
         fact, cf = model
-        if _is_intervenable(fact) or _is_intervenable(cf):
+        if E.is_intervenable(fact) or E.is_intervenable(cf):
             raise TypeError("cfgen.structured works on plain Hugging Face models (no IntervenableModel in the pair)")
-        if _vocab_size(fact) != _vocab_size(cf):
+        if E.vocab_size(fact) != E.vocab_size(cf):
             raise ValueError("the factual and counterfactual models must share one vocabulary")
         return fact, cf
     if not hasattr(model, "config"):
@@ -518,7 +467,7 @@ def generate_records(
     contexts = [p for p in prompts for _ in range(n)]
     seeds = [seed + r for r in range(len(contexts))]
     label_ids = [list(tokenizer(lb, add_special_tokens=False)["input_ids"]) for lb in schema.labels]
-    eos = _eos_ids(tokenizer, fact, eos_token_id)
+    eos = E.eos_ids(tokenizer, fact, eos_token_id)
     values, fillers, finish = _fill(fact, tokenizer, schema, label_ids, contexts, seeds, [PRIOR] * len(contexts), 0,
                                     sampler, eos, _newline(tokenizer))
     return Records(schema=schema, prompts=contexts, seeds=seeds, sampler=sampler, label_ids=label_ids,
@@ -613,7 +562,7 @@ def do_field(
     contexts = [prefix(r, j) for _ in kinds for j, r in enumerate(sel)]
     seeds = [records.seeds[r] for _ in kinds for r in sel]
     streams = [st for st in kinds for _ in sel]
-    eos = _eos_ids(tokenizer, fact_model, eos_token_id)
+    eos = E.eos_ids(tokenizer, fact_model, eos_token_id)
     if k + 1 < len(schema.fields):
         values, fillers, finish = _fill(cf_model, tokenizer, schema, records.label_ids, contexts, seeds, streams,
                                         k + 1, records.sampler, eos, newline)

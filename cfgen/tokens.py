@@ -47,28 +47,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .api import (
-    INTERVENTIONAL,
-    _as_list,
-    _check_context,
-    _check_ids,
-    _encode,
-    _eos_ids,
-    _hf_model,
-    _intervention_kwargs,
-    _is_intervenable,
-    _Models,
-    _pad_id,
-    _resolve_models,
-    _run,
-    _sampler,
-    _seeds,
-    _stop_fn,
-    _teacher_forced_logits,
-    _tokenizer,
-    _vocab_size,
-)
-from .decode import Rows, StepError
+from . import engine as E
+from .engine import INTERVENTIONAL
 from .noise import ALTERNATIVE, PRIOR, gumbel_noise
 from .posterior import posterior_noise
 from .results import CounterfactualResult
@@ -108,24 +88,24 @@ class Alternative:
 
 
 # ------------------------------------------------------------------ helpers --
-def _models(model) -> tuple[_Models, bool]:
+def _models(model) -> tuple[E.Models, bool]:
     """(models, intervene flag): a plain HF model regenerates with itself, un-intervened."""
-    if isinstance(model, (tuple, list)) or _is_intervenable(model):
-        m = _resolve_models(model)
-        return _Models(m.factual, m.counterfactual, shared=False), True
+    if isinstance(model, (tuple, list)) or E.is_intervenable(model):
+        m = E.resolve_models(model)
+        return E.Models(m.factual, m.counterfactual, shared=False), True
     if not hasattr(model, "config") or not callable(model):
         raise TypeError(
             f"model must be a Hugging Face causal LM, a pyvene.IntervenableModel or a (factual_model, "
             f"counterfactual_model) pair, got {type(model).__name__}"
         )
-    return _Models(model, model, shared=False), False
+    return E.Models(model, model, shared=False), False
 
 
 def _default_sampler(sampler, model) -> Sampler:
-    if sampler is None and not (isinstance(model, (tuple, list)) or _is_intervenable(model)):
+    if sampler is None and not (isinstance(model, (tuple, list)) or E.is_intervenable(model)):
         return Sampler()
     target = model[1] if isinstance(model, (tuple, list)) else model
-    return _sampler(sampler, target, {})[0]
+    return E.resolve_sampler(sampler, target, {})[0]
 
 
 def _token_id(tokenizer, w, step: int, vocab: int) -> int:
@@ -204,7 +184,7 @@ def _budget(result: CounterfactualResult, r: int, max_new_tokens: Optional[int])
     return max(int(m or 0), len(result.factual_ids[r]))
 
 
-def _segments(models, tokenizer, sampler, states, *, intervene, intervention, eos, stop, progress):
+def _segments(models, tokenizer, sampler, states, prompt_ids, *, intervene, intervention, eos, stop, progress):
     """Decode every state's row until its next forced step (or its end), forcing tokens in between.
 
     A state: prompt, seq (continuation so far), pos (next step), forced {step: token}, budget, seed,
@@ -239,14 +219,10 @@ def _segments(models, tokenizer, sampler, states, *, intervene, intervention, eo
             p = s["posterior"]
             post.append(p[s["pos"]:] if p is not None and s["pos"] < p.shape[0] else None)
             rows_prompt.append(s["prompt_index"])
-        rows = Rows(context=ctx, prompt_len=plen, seed=seeds, max_new=mx, step_offset=off, stream=streams,
+        rows = E.Rows(context=ctx, prompt_len=plen, seed=seeds, max_new=mx, step_offset=off, stream=streams,
                     intervene=[intervene] * len(live), posterior=post)
-        kwargs = dict(intervention, rows_prompt=rows_prompt)
-        try:
-            (tokens, reasons), _ = _run(models, tokenizer, rows, sampler=sampler, intervention=kwargs, eos=eos,
-                                        stop=stop, progress=progress)
-        except StepError as err:
-            raise ValueError(str(err)) from None
+        tokens, reasons, _ = E.run(models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
+                                   intervention=intervention, eos=eos, stop=stop, progress=progress)
         for s, new, why, m in zip(live, tokens, reasons, mx):
             s["seq"].extend(new)
             s["pos"] += len(new)
@@ -340,9 +316,9 @@ def do(
     if not isinstance(result, CounterfactualResult):
         raise TypeError(f"result must be a cfgen.CounterfactualResult, got {type(result).__name__}")
     models, intervene = _models(model)
-    tokenizer = _tokenizer(tokenizer)
-    hf = _hf_model(models.factual)
-    vocab = _vocab_size(hf)
+    tokenizer = E.resolve_tokenizer(tokenizer)
+    hf = E.hf_model(models.factual)
+    vocab = E.vocab_size(hf)
     sampler = result.sampler if sampler is None else sampler
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a cfgen.Sampler, got {type(sampler).__name__}")
@@ -363,7 +339,7 @@ def do(
         if len(per_row) != len(rows):
             raise ValueError(f"{len(per_row)} intervention dicts for {len(rows)} selected rows; give one each or "
                              "one dict for all")
-    eos = _eos_ids(tokenizer, hf, eos_token_id)
+    eos = E.eos_ids(tokenizer, hf, eos_token_id)
     hindsight = result.mode == "hindsight"
     fact_reasons = (result.finish_reasons or {}).get("factual")
 
@@ -395,11 +371,17 @@ def do(
         budgets.append(budget)
 
     prompt_ids = result.prompt_ids
+    intervention = E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on)
+    if not intervene and intervention.given():
+        raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
+                         "pyvene.IntervenableModel (or a pair whose second model is one)")
+    if intervene:
+        E.check_intervention(models, tokenizer, prompt_ids, intervention)
     need_logits = hindsight or any(isinstance(w, Alternative) for s in specs for w in s.values())
     logits = {}
     if need_logits:
-        pad_id = _pad_id(tokenizer)
-        got = _teacher_forced_logits(hf, [prompt_ids[result.prompt_index[r]] for r in rows],
+        pad_id = E.pad_id(tokenizer)
+        got = E.teacher_forced_logits(hf, [prompt_ids[result.prompt_index[r]] for r in rows],
                                      [result.factual_ids[r] for r in rows], pad_id)
         logits = {r: lg[:, :vocab] for r, lg in zip(rows, got)}
 
@@ -435,15 +417,9 @@ def do(
                            "pos": t0, "forced": forced, "budget": budget, "seed": result.seeds[r], "stream": stream,
                            "posterior": posts[r] if stream == PRIOR else None, "done": False, "reason": "length",
                            "applied": set()})
-    _check_context(hf, [s["prompt"] for s in states], [s["budget"] for s in states])
-    kwargs = _intervention_kwargs(sources, unit_locations, source_representations, subspaces, intervene_on)
-    kwargs.update(n_prompts=len(prompt_ids), prompt_ids=prompt_ids)
-    if not intervene and any(v is not None for v in (sources, unit_locations, source_representations, subspaces,
-                                                     intervene_on)):
-        raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
-                         "pyvene.IntervenableModel (or a pair whose second model is one)")
-    _segments(models, tokenizer, sampler, states, intervene=intervene, intervention=kwargs, eos=eos,
-              stop=_stop_fn(tokenizer, stop_strings), progress=progress)
+    E.check_context(hf, [s["prompt"] for s in states], [s["budget"] for s in states])
+    _segments(models, tokenizer, sampler, states, prompt_ids, intervene=intervene, intervention=intervention, eos=eos,
+              stop=E.stop_fn(tokenizer, stop_strings), progress=progress)
 
     m = len(rows)
     skipped = []
@@ -481,9 +457,9 @@ def do(
 
 
 def _prompt_rows(tokenizer, model, prompts, name):
-    plist = _as_list(prompts, name)
-    ids = _encode(tokenizer, plist, name, special=True)
-    _check_ids(model, ids, name)
+    plist = E.as_list(prompts, name)
+    ids = E.encode(tokenizer, plist, name, special=True)
+    E.check_ids(model, ids, name)
     return plist, ids
 
 
@@ -521,28 +497,23 @@ def sample(
         ([5, 5], True)
     """
     models, _ = _models(model)
-    tokenizer = _tokenizer(tokenizer)
-    hf = _hf_model(models.factual)
+    tokenizer = E.resolve_tokenizer(tokenizer)
+    hf = E.hf_model(models.factual)
     sampler = _default_sampler(sampler, model)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     plist, pids = _prompt_rows(tokenizer, hf, prompts, "prompts")
-    _check_context(hf, pids, [max_new_tokens] * len(pids))
-    base = _seeds(seed, len(pids))
+    E.check_context(hf, pids, [max_new_tokens] * len(pids))
+    base = E.seeds_for(seed, len(pids))
     pairs = [(p, j) for p in range(len(pids)) for j in range(num_samples)]
-    rows = Rows(context=[pids[p] for p, _ in pairs], prompt_len=[len(pids[p]) for p, _ in pairs],
+    rows = E.Rows(context=[pids[p] for p, _ in pairs], prompt_len=[len(pids[p]) for p, _ in pairs],
                 seed=[base[p] + j for p, j in pairs], max_new=[max_new_tokens] * len(pairs))
-    kwargs = _intervention_kwargs(None, None, None, None, None)
-    kwargs.update(rows_prompt=[p for p, _ in pairs], n_prompts=len(pids), prompt_ids=pids)
-    plain = _Models(hf, hf, shared=False)
-    try:
-        (tokens, reasons), _ = _run(plain, tokenizer, rows, sampler=sampler, intervention=kwargs,
-                                    eos=_eos_ids(tokenizer, hf, eos_token_id), stop=_stop_fn(tokenizer, stop_strings),
-                                    progress=progress)
-    except StepError as err:
-        raise ValueError(str(err)) from None
+    plain = E.Models(hf, hf, shared=False)
+    tokens, reasons, _ = E.run(plain, tokenizer, rows, [p for p, _ in pairs], pids, sampler=sampler,
+                               intervention=E.Intervention(), eos=E.eos_ids(tokenizer, hf, eos_token_id),
+                               stop=E.stop_fn(tokenizer, stop_strings), progress=progress)
     return CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in plist], prompt_ids=pids,
         factual_ids=tokens, counterfactual_ids=[list(t) for t in tokens], seeds=list(rows.seed), sampler=sampler,
@@ -596,8 +567,8 @@ def edit_prompt(
         [True]
     """
     models, intervene = _models(model)
-    tokenizer = _tokenizer(tokenizer)
-    hf = _hf_model(models.factual)
+    tokenizer = E.resolve_tokenizer(tokenizer)
+    hf = E.hf_model(models.factual)
     sampler = _default_sampler(sampler, model)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -607,29 +578,27 @@ def edit_prompt(
     elist, eids = _prompt_rows(tokenizer, hf, edited_prompts, "edited_prompts")
     if len(eids) != len(pids):
         raise ValueError(f"{len(eids)} edited prompts for {len(pids)} prompts; give one edited prompt per prompt")
-    _check_context(hf, pids + eids, [max_new_tokens] * (2 * len(pids)))
+    E.check_context(hf, pids + eids, [max_new_tokens] * (2 * len(pids)))
     if not intervene and any(v is not None for v in (sources, unit_locations, source_representations, subspaces,
                                                      intervene_on)):
         raise ValueError("sources / unit_locations / source_representations / subspaces / intervene_on need a "
                          "pyvene.IntervenableModel (or a pair whose second model is one)")
-    base = _seeds(seed, len(pids))
+    base = E.seeds_for(seed, len(pids))
     pairs = [(p, j) for p in range(len(pids)) for j in range(num_samples)]
-    eos = _eos_ids(tokenizer, hf, eos_token_id)
-    stop = _stop_fn(tokenizer, stop_strings)
+    eos = E.eos_ids(tokenizer, hf, eos_token_id)
+    stop = E.stop_fn(tokenizer, stop_strings)
 
     def run(contexts, rows_prompt, streams, flag, prompt_ids):
         plain = not flag
-        rows = Rows(context=contexts, prompt_len=[len(c) for c in contexts], seed=[base[p] + j for p, j in pairs]
+        rows = E.Rows(context=contexts, prompt_len=[len(c) for c in contexts], seed=[base[p] + j for p, j in pairs]
                     * (len(contexts) // len(pairs)), max_new=[max_new_tokens] * len(contexts), stream=streams,
                     intervene=[flag] * len(contexts))
-        kwargs = _intervention_kwargs(*(None,) * 5) if plain else _intervention_kwargs(
+        intervention = E.Intervention() if plain else E.Intervention(
             sources, unit_locations, source_representations, subspaces, intervene_on)
-        kwargs.update(rows_prompt=rows_prompt, n_prompts=len(prompt_ids), prompt_ids=prompt_ids)
-        try:
-            return _run(_Models(hf, hf, shared=False) if plain else models, tokenizer, rows, sampler=sampler, intervention=kwargs, eos=eos, stop=stop,
-                        progress=progress)
-        except StepError as err:
-            raise ValueError(str(err)) from None
+        tokens, why, schedule = E.run(E.Models(hf, hf, shared=False) if plain else models, tokenizer, rows,
+                                      rows_prompt, prompt_ids, sampler=sampler, intervention=intervention, eos=eos,
+                                      stop=stop, progress=progress)
+        return (tokens, why), schedule
 
     (fact, fact_why), _ = run([pids[p] for p, _ in pairs], [p for p, _ in pairs], [PRIOR] * len(pairs), False, pids)
     kinds = [PRIOR] + ([INTERVENTIONAL] if interventional else [])

@@ -8,6 +8,7 @@ import torch
 from scipy import stats
 
 import cfgen
+import cfgen.engine
 
 from .conftest import CharTokenizer, tiny_gpt2, tiny_llama
 
@@ -182,14 +183,14 @@ def test_bf16_model_identity_and_float32_noise(monkeypatch):
     model = make("llama").to(torch.bfloat16)
     zero = steering(model, torch.zeros(model.config.hidden_size, dtype=torch.bfloat16))
     seen = []
-    real = cfgen.decode._noise
+    real = cfgen.engine.row_noise
 
     def spy(*a, **k):
         u = real(*a, **k)
         seen.append(u.dtype)
         return u
 
-    monkeypatch.setattr(cfgen.decode, "_noise", spy)
+    monkeypatch.setattr(cfgen.engine, "row_noise", spy)
     r = cfgen.generate(zero, TOK, PROMPTS, max_new_tokens=8, seed=3, temperature=0.8, eos_token_id=[])
     assert all(r.identical) and seen and set(seen) == {torch.float32}
 

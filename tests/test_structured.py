@@ -5,6 +5,7 @@ import pyvene as pv
 import torch
 
 import cfgen
+import cfgen.engine
 import cfgen.structured as cs
 from cfgen.api import INTERVENTIONAL
 from cfgen.noise import PRIOR
@@ -84,13 +85,13 @@ def test_records_equal_the_uncached_reference(kind):
 def test_forced_labels_are_never_sampled(monkeypatch):
     model = make("llama")
     steps = []
-    real = cs.gumbel_noise
+    real = cfgen.engine.gumbel_noise  # the engine's decode loop draws every row's noise
 
     def spy(seeds, step, vocab, **kw):
-        steps.extend((int(s), step) for s in seeds.tolist())
+        steps.extend(zip(seeds.tolist(), torch.as_tensor(step).expand(len(seeds)).tolist()))
         return real(seeds, step, vocab, **kw)
 
-    monkeypatch.setattr(cs, "gumbel_noise", spy)
+    monkeypatch.setattr(cfgen.engine, "gumbel_noise", spy)
     recs = cs.generate_records(model, TOK, "a record", SCHEMA, n=4, seed=0)
     m = SCHEMA.max_value_tokens
     for r in range(len(recs)):
