@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import checks, provenance
 from . import engine as E
 from .engine import INTERVENTIONAL
 from .noise import PRIOR
@@ -28,12 +29,51 @@ def _collected(collected: dict, kinds: list[str], n: int) -> Optional[dict]:
     return {name: [collected.get(i * n + j, {}) for j in range(n)] for i, name in enumerate(kinds)}
 
 
+def _check_possible(z: torch.Tensor, tokens: torch.Tensor, sampler: Sampler, seed: int) -> None:
+    """Raise ImpossibleObservation (from the posterior, with its explanation) for the first observed token the
+    sampler cannot produce: checked before decoding, since each step's posterior is drawn only when decoded."""
+    a = sampler.log_probs(z)
+    bad = torch.isneginf(a.gather(-1, tokens[:, None])[:, 0]).nonzero()
+    if len(bad):
+        t = int(bad[0])
+        why = f"observed token at step {t} lies outside the support"
+        try:
+            posterior_noise(z[t:t + 1], tokens[t:t + 1], sampler=sampler,
+                            seed=torch.tensor([seed], device=z.device), step=t)
+        except ImpossibleObservation as err:  # its message explains the token's rank and probability
+            why = str(err)
+        raise ImpossibleObservation(why, index=(t,), token=int(tokens[t]), sampler=sampler)
+
+
+def _budgets(max_new_tokens, limits, prompt_ids: list[list[int]], name: str = "max_new_tokens") -> list[int]:
+    """Each prompt's new-token budget: ``max_new_tokens``, else ``max_length`` / a generation config's limit."""
+    if max_new_tokens is not None:
+        return [checks.positive_int(max_new_tokens, name)] * len(prompt_ids)
+    got = [limits.max_new(len(p)) for p in prompt_ids]
+    if any(m is None for m in got):
+        raise TypeError("give max_new_tokens= (or max_length= / a generation_config with either): how many new "
+                        "tokens at most")
+    return [checks.positive_int(m, name) for m in got]
+
+
+def _eos(tokenizer, models, eos_token_id, limits) -> list[int]:
+    if eos_token_id is None and limits.eos_token_ids is not None:
+        eos_token_id = list(limits.eos_token_ids)
+    return E.eos_ids(tokenizer, E.hf_model(models.factual), eos_token_id)
+
+
+def _provenance(model, sampler, processing, **pyvene_kwargs) -> dict:
+    return provenance.collect(model, sampler=sampler, processors=None if processing.empty else processing,
+                              **pyvene_kwargs)
+
+
+@E.guarded
 def generate(
     model,
     tokenizer,
     prompts: Union[Prompt, Sequence[Prompt]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     sampler: Optional[Sampler] = None,
     seed: Union[int, Sequence[int], None] = None,
     num_samples: int = 1,
@@ -58,14 +98,25 @@ def generate(
             intervention) or a ``(factual_model, counterfactual_model)`` pair (weight
             edits, model swaps; the second may itself be an IntervenableModel).
         tokenizer: the shared tokenizer (a pair of tokenizers is checked for equality).
-        prompts: a string, a list of token ids, or a list of either; or tokenized tensors as pyvene users
-            pass them (a dict / ``BatchEncoding`` with ``input_ids`` and ``attention_mask``, left or right
-            padded): positions in ``unit_locations`` are then in those tensors' coordinates, as in pyvene.
-        max_new_tokens: the number of new tokens at most; each row stops at its own EOS.
-        sampler: a :class:`cfgen.Sampler`; or HF-style ``temperature=``, ``top_k=``,
-            ``top_p=``, ``do_sample=``. Defaults to a ``CounterfactualSampling`` site in the
-            model's config, else pure sampling at temperature 1.
+        prompts: a string, a list of token ids, a chat (a list of ``{"role", "content"}`` messages, put
+            through the tokenizer's chat template with the generation prompt), or a list of any of these;
+            or tokenized tensors as pyvene users pass them (a dict / ``BatchEncoding`` with ``input_ids``
+            and ``attention_mask``, left or right padded): positions in ``unit_locations`` are then in
+            those tensors' coordinates, as in pyvene.
+        max_new_tokens: the number of new tokens at most; each row stops at its own EOS. May come
+            from ``max_length=`` or ``generation_config=`` instead.
+        sampler: a :class:`cfgen.Sampler`; or HF ``generate``-style keyword arguments:
+            ``temperature=``, ``top_k=``, ``top_p=``, ``do_sample=``, every logits processor and
+            warper HF builds from them that is a function of (history, logits) —
+            ``repetition_penalty``, ``min_p``, ``typical_p``, ``no_repeat_ngram_size``,
+            ``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``, ``epsilon_cutoff``, ... —,
+            ``generation_config=`` and ``logits_processor=`` (see :func:`cfgen.processors.build`).
+            Every row applies them to its own history, and sampling is ``argmax(log p~ + U)``
+            under the processed distribution ``p~``. Defaults to a ``CounterfactualSampling``
+            site in the model's config, else pure sampling at temperature 1.
         seed: an int (every prompt), or one per prompt. Sample ``j`` of a prompt uses ``seed + j``.
+            ``None``: the sampling site's seed, else a fresh seed from the OS (recorded in
+            ``result.seeds``, so the call can be repeated).
         num_samples: independent (factual, counterfactual) pairs per prompt.
         sources, unit_locations, source_representations, subspaces: as for
             ``IntervenableModel.forward``, with pyvene's meaning (``{"sources->base": [3, 9]}`` is source
@@ -100,20 +151,17 @@ def generate(
     """
     models = E.resolve_models(model)
     tokenizer = E.resolve_tokenizer(tokenizer)
-    sampler, site_seed = E.resolve_sampler(sampler, models.counterfactual, hf_sampling)
-    seed = site_seed if seed is None else seed
-    seed = 0 if seed is None else seed
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    sampler, processing, limits, site_seed = E.resolve_sampling(sampler, models.counterfactual, hf_sampling,
+                                                                tokenizer)
+    num_samples = checks.positive_int(num_samples, "num_samples")
     given = E.tokenized_prompts(prompts)
     layouts = given[1] if given else None
     prompt_list = given[0] if given else E.as_list(prompts, "prompts")
     prompt_ids = E.encode(tokenizer, prompt_list, "prompts", special=True)
+    budgets = _budgets(max_new_tokens, limits, prompt_ids)
     E.check_ids(E.hf_model(models.factual), prompt_ids, "prompts")
-    E.check_context(E.hf_model(models.factual), prompt_ids, [max_new_tokens] * len(prompt_ids))
-    base_seeds = E.seeds_for(seed, len(prompt_ids))
+    E.check_context(E.hf_model(models.factual), prompt_ids, budgets)
+    base_seeds = E.resolve_seed(seed, site_seed, len(prompt_ids), span=num_samples)
 
     pairs = [(p, j) for p in range(len(prompt_ids)) for j in range(num_samples)]
     kinds = [("factual", False, PRIOR), ("counterfactual", True, PRIOR)]
@@ -128,14 +176,14 @@ def generate(
             intervene.append(flag)
             stream.append(st)
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds,
-                  max_new=[max_new_tokens] * len(context), stream=stream, intervene=intervene,
+                  max_new=[budgets[p] for p in rows_prompt], stream=stream, intervene=intervene,
                   layout=[layouts[p] for p in rows_prompt] if layouts else [])
     collected: dict = {}
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
         intervention=E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on),
-        eos=E.eos_ids(tokenizer, E.hf_model(models.factual), eos_token_id),
-        stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected)
+        eos=_eos(tokenizer, models, eos_token_id, limits),
+        stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected, processing=processing)
     n = len(pairs)
     result = CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
@@ -150,13 +198,18 @@ def generate(
         sample_index=[j for _, j in pairs],
         finish_reasons={name: reasons[i * n:(i + 1) * n] for i, (name, _, _) in enumerate(kinds)},
         settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule,
-                  "interventional_stream": INTERVENTIONAL if interventional else None},
+                  "interventional_stream": INTERVENTIONAL if interventional else None,
+                  **({"processors": provenance.jsonable(processing.settings)} if not processing.empty else {})},
         tokenizer=tokenizer,
+        provenance=_provenance(model, sampler, processing, sources=sources, unit_locations=unit_locations,
+                               source_representations=source_representations, subspaces=subspaces,
+                               intervene_on=intervene_on),
     )
     result.collected = _collected(collected, [name for name, _, _ in kinds], n)
     return result
 
 
+@E.guarded
 def counterfactual(
     model,
     tokenizer,
@@ -194,7 +247,13 @@ def counterfactual(
         num_samples: posterior draws per observed continuation (seeds ``seed + j``).
         max_new_tokens: defaults to each observed continuation's length; beyond the
             observed tokens the noise is drawn from the prior.
-        Others: as for :func:`cfgen.generate`.
+        Others: as for :func:`cfgen.generate`. With logits processors the posterior conditions on
+            the processed distribution of each observed step (given the observed history).
+
+    Each step's posterior noise is drawn when that step is decoded, from the
+    factual logits of that step, so memory does not grow with ``num_samples``
+    times the text's length. An observed text that contains EOS ends there as
+    the factual text (finish reason ``"eos"``), as a sampled one would.
 
     Raises:
         cfgen.ImpossibleObservation: an observed token lies outside the sampler's
@@ -212,11 +271,11 @@ def counterfactual(
     """
     models = E.resolve_models(model)
     tokenizer = E.resolve_tokenizer(tokenizer)
-    sampler, site_seed = E.resolve_sampler(sampler, models.counterfactual, hf_sampling)
-    seed = site_seed if seed is None else seed
-    seed = 0 if seed is None else seed
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    sampler, processing, limits, site_seed = E.resolve_sampling(sampler, models.counterfactual, hf_sampling,
+                                                                tokenizer)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    if max_new_tokens is not None:
+        max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens")
     given = E.tokenized_prompts(prompts)
     layouts = given[1] if given else None
     prompt_list = given[0] if given else E.as_list(prompts, "prompts")
@@ -236,28 +295,35 @@ def counterfactual(
     E.check_ids(E.hf_model(models.factual), obs_ids, "observed")
     max_new = [max_new_tokens or len(o) for o in obs_ids]
     E.check_context(E.hf_model(models.factual), prompt_ids, max_new)
-    base_seeds = E.seeds_for(seed, len(prompt_ids))
+    base_seeds = E.resolve_seed(seed, site_seed, len(prompt_ids), span=num_samples)
     pad_id = E.pad_id(tokenizer)
     intervention = E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on)
     E.check_intervention(models, tokenizer, prompt_ids, intervention, len(layouts[0][0]) if layouts else None)
-    logits = E.teacher_forced_logits(E.hf_model(models.factual), prompt_ids, obs_ids, pad_id)
     vocab = E.vocab_size(E.hf_model(models.factual))
+    width = max(len(p) + len(o) for p, o in zip(prompt_ids, obs_ids))
+    checks.check_memory(2 * len(prompt_ids) * width * vocab * 4, "the factual logits of the observed texts")
+    logits = [t[:, :vocab].clone()  # keep only the observed steps, not the whole padded batch's logits
+              for t in E.teacher_forced_logits(E.hf_model(models.factual), prompt_ids, obs_ids, pad_id)]
 
     pairs = [(p, j) for p in range(len(prompt_ids)) for j in range(num_samples)]
     posts = {}
     for p in range(len(prompt_ids)):
-        seeds_p = torch.tensor([[base_seeds[p] + j] for j in range(num_samples)], device=logits[p].device)
-        lp = logits[p][:, :vocab].unsqueeze(0).expand(num_samples, -1, -1)
-        tok = torch.tensor(obs_ids[p], device=lp.device).expand(num_samples, -1)
+        tok = torch.tensor(obs_ids[p], device=logits[p].device)
+        post_sampler = sampler
         try:
-            posts[p] = posterior_noise(lp, tok, sampler=sampler, seed=seeds_p)
+            if not processing.empty:  # the posterior conditions on the processed distribution
+                logits[p] = processing.observe(logits[p], prompt_ids[p], obs_ids[p])
+                post_sampler = Sampler()
+            _check_possible(logits[p], tok, post_sampler, base_seeds[p])
         except ImpossibleObservation as err:
             step = err.index[-1]
             raise ImpossibleObservation(
                 f"prompt {p}: observed token {err.token} ({tokenizer.decode([err.token])!r}) at step {step} "
-                f"cannot be sampled under Sampler({sampler.describe()}). {err}",
+                f"cannot be sampled under Sampler({sampler.describe()})"
+                f"{'' if processing.empty else ' and ' + ', '.join(processing.describe())}. {err}",
                 index=(p, step), token=err.token, sampler=sampler,
             ) from None
+        posts[p] = E.Hindsight(logits[p], tok, post_sampler)
     kinds = [("counterfactual", PRIOR)] + ([("interventional", INTERVENTIONAL)] if interventional else [])
     rows_prompt, context, seeds, stream, post, mx = [], [], [], [], [], []
     for _, st in kinds:
@@ -266,22 +332,26 @@ def counterfactual(
             context.append(prompt_ids[p])
             seeds.append(base_seeds[p] + j)
             stream.append(st)
-            post.append(posts[p][j] if st == PRIOR else None)
+            post.append(posts[p] if st == PRIOR else None)
             mx.append(max_new[p])
     rows = E.Rows(context=context, prompt_len=[len(c) for c in context], seed=seeds, max_new=mx, stream=stream,
                   intervene=[True] * len(context), posterior=post,
                   layout=[layouts[p] for p in rows_prompt] if layouts else [])
     collected: dict = {}
+    eos = _eos(tokenizer, models, eos_token_id, limits)
     tokens, reasons, schedule = E.run(
         models, tokenizer, rows, rows_prompt, prompt_ids, sampler=sampler,
         intervention=E.Intervention(sources, unit_locations, source_representations, subspaces, intervene_on),
-        eos=E.eos_ids(tokenizer, E.hf_model(models.factual), eos_token_id),
-        stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected)
+        eos=eos, stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected,
+        processing=processing)
     n = len(pairs)
+    # An observed EOS ends the factual text there, as decoding ends a sampled one (the token itself not kept).
+    ends = [next((t for t, v in enumerate(o) if v in eos), None) for o in obs_ids]
+    factual = [o if e is None else o[:e] for o, e in zip(obs_ids, ends)]
     result = CounterfactualResult(
         prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
         prompt_ids=prompt_ids,
-        factual_ids=[obs_ids[p] for p, _ in pairs],
+        factual_ids=[factual[p] for p, _ in pairs],
         counterfactual_ids=tokens[:n],
         interventional_ids=tokens[n:] if interventional else None,
         seeds=seeds[:n],
@@ -289,10 +359,15 @@ def counterfactual(
         mode="hindsight",
         prompt_index=[p for p, _ in pairs],
         sample_index=[j for _, j in pairs],
-        finish_reasons={name: reasons[i * n:(i + 1) * n] for i, (name, _) in enumerate(kinds)},
+        finish_reasons={"factual": ["observed" if ends[p] is None else "eos" for p, _ in pairs],
+                        **{name: reasons[i * n:(i + 1) * n] for i, (name, _) in enumerate(kinds)}},
         settings={"max_new_tokens": max_new_tokens, "intervene_on": schedule,
-                  "interventional_stream": INTERVENTIONAL if interventional else None},
+                  "interventional_stream": INTERVENTIONAL if interventional else None,
+                  **({"processors": provenance.jsonable(processing.settings)} if not processing.empty else {})},
         tokenizer=tokenizer,
+        provenance=_provenance(model, sampler, processing, sources=sources, unit_locations=unit_locations,
+                               source_representations=source_representations, subspaces=subspaces,
+                               intervene_on=intervene_on),
     )
     result.collected = _collected(collected, [name for name, _ in kinds], n)
     return result

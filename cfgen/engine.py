@@ -43,7 +43,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import checks
+from ._guard import model_guard
 from .noise import PRIOR, gumbel_noise
+from .posterior import posterior_noise
 from .sampler import Sampler, check_logits
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "stop_fn", "tokenized_prompts", "check_hf", "Intervention", "Rows", "Schedule", "PlainRunner", "PyveneRunner",
     "pyvene_runner", "read_unit_locations", "left_pad",
     "KVBatch", "FreeRun", "decode", "row_noise", "StepError", "run", "check_intervention", "teacher_forced_logits",
+    "resolve_sampling", "resolve_seed", "guarded", "Hindsight",
 ]
 
 INTERVENTIONAL = 4  # noise stream of the interventional baseline (fresh noise, same seed)
@@ -148,34 +152,77 @@ def resolve_tokenizer(tokenizer):
     return tokenizer
 
 
-def resolve_sampler(sampler, model, hf_kwargs: dict) -> tuple[Sampler, Optional[int]]:
-    """(sampler, seed of the model's CounterfactualSampling site or None) from ``sampler=`` or HF-style kwargs."""
-    from_site = None
+def _site(model):
+    """The model's CounterfactualSampling site (its sampler and seed are the call's defaults), or None."""
     if is_intervenable(model):
-        sites = [iv for iv in model.interventions.values() if type(iv).__name__ == "CounterfactualSampling"]
-        if sites:
-            from_site = sites[0]
-    if hf_kwargs:
-        unknown = set(hf_kwargs) - {"temperature", "top_k", "top_p", "do_sample"}
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-        if sampler is not None:
-            raise TypeError("pass either sampler= or HF-style temperature / top_k / top_p / do_sample, not both")
-        if hf_kwargs.get("do_sample", True) is False:
-            sampler = Sampler(temperature=0.0)
-        else:
-            sampler = Sampler(hf_kwargs.get("temperature", 1.0), hf_kwargs.get("top_k"), hf_kwargs.get("top_p"))
-    if sampler is None:
-        sampler = from_site.sampler if from_site is not None else Sampler()
-    if not isinstance(sampler, Sampler):
+        for iv in model.interventions.values():
+            if type(iv).__name__ == "CounterfactualSampling":
+                return iv
+    return None
+
+
+def resolve_sampling(sampler, model, hf_kwargs: dict, tokenizer=None):
+    """(sampler, processing, limits, site seed or None) from ``sampler=`` or HF ``generate``-style arguments.
+
+    :func:`cfgen.processors.build` reads them (temperature / top_k / top_p / do_sample, every processor and
+    warper that is a function of (history, logits), ``generation_config=``, ``logits_processor=``, limits);
+    the model's ``CounterfactualSampling`` site gives the default sampler and seed.
+    """
+    from . import processors
+
+    if sampler is not None and not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a cfgen.Sampler, got {type(sampler).__name__}")
-    return sampler, (from_site.seed if from_site is not None else None)
+    site = _site(model)
+    sampler, processing, limits = processors.build(
+        sampler=sampler, tokenizer=tokenizer, default_sampler=site.sampler if site is not None else Sampler(),
+        **hf_kwargs)
+    return sampler, processing, limits, (site.seed if site is not None else None)
+
+
+def resolve_sampler(sampler, model, hf_kwargs: dict) -> tuple[Sampler, Optional[int]]:
+    """(sampler, site seed) for front-ends that sample with the sampler alone (no other processors)."""
+    sampler, processing, limits, seed = resolve_sampling(sampler, model, hf_kwargs)
+    extra = sorted(set(hf_kwargs) - {"temperature", "top_k", "top_p", "do_sample"})
+    if not processing.empty or extra:
+        raise TypeError(
+            f"{', '.join(extra) or 'these logits processors'}: this function samples with temperature / top_k / "
+            "top_p / do_sample only; cfgen.generate and cfgen.counterfactual take every HF logits processor"
+        )
+    return sampler, seed
+
+
+def resolve_seed(seed, site_seed: Optional[int], n: int, span: int = 1) -> list[int]:
+    """One checked seed per prompt: ``seed``, else the sampling site's, else a fresh one from the OS."""
+    if seed is None:
+        seed = site_seed if site_seed is not None else checks.fresh_seed()
+    return checks.seeds(seed, n, span=span)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Run a front-end holding its models' lock, leaving their forward hooks as found (see :mod:`cfgen._guard`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        parts = model if isinstance(model, (tuple, list)) else [model]
+        modules = [hf_model(m) for m in parts if isinstance(hf_model(m), torch.nn.Module)]
+        with model_guard(*modules):
+            return fn(model, *args, **kwargs)
+
+    return call
 
 
 # --------------------------------------------------------------- inputs --
+def _is_chat(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and bool(x) and all(
+        isinstance(m, Mapping) and "role" in m for m in x)
+
+
 def as_list(x, name: str) -> list:
-    """A prompt or a list of prompts -> a list (strings or token-id lists)."""
-    if isinstance(x, str) or (isinstance(x, Sequence) and x and isinstance(x[0], int)):
+    """A prompt or a list of prompts -> a list (strings, token-id lists or chats)."""
+    if isinstance(x, (bytes, bytearray)):
+        raise TypeError(f"{name} must be text (str), token ids or a chat, not bytes; decode them first")
+    if isinstance(x, str) or _is_chat(x) or (isinstance(x, Sequence) and x and checks._is_int(x[0])):
         return [x]
     if isinstance(x, torch.Tensor):
         return [x.tolist()] if x.dim() == 1 else x.tolist()
@@ -189,11 +236,20 @@ def encode(tokenizer, texts: list, name: str, *, special: bool) -> list[list[int
     out = []
     for i, t in enumerate(texts):
         if isinstance(t, str):
-            if not t:
-                raise ValueError(f"{name}[{i}] is empty: give at least one token of text")
+            checks.text(t, f"{name}[{i}]")
             ids = tokenizer(t, add_special_tokens=special)["input_ids"]
+        elif _is_chat(t):
+            if not hasattr(tokenizer, "apply_chat_template"):
+                raise TypeError(f"{name}[{i}] is a chat, but the tokenizer has no chat template")
+            # the generation prompt opens the assistant's turn, as a chat model expects before it answers
+            got = tokenizer.apply_chat_template(list(t), add_generation_prompt=True, tokenize=True)
+            got = got["input_ids"] if isinstance(got, Mapping) or hasattr(got, "keys") else got
+            ids = checks.token_ids(got[0] if got and isinstance(got[0], (list, tuple)) else got, f"{name}[{i}]")
+        elif isinstance(t, (Sequence, torch.Tensor)) or hasattr(t, "tolist"):
+            ids = checks.token_ids(t, f"{name}[{i}]")
         else:
-            ids = [int(v) for v in t]
+            raise TypeError(f"{name}[{i}] must be a string, a list of token ids or a chat (a list of "
+                            f"{{'role': ..., 'content': ...}} messages), got {type(t).__name__}")
         if not ids:
             raise ValueError(f"{name}[{i}] has no tokens")
         out.append(ids)
@@ -229,14 +285,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def seeds_for(seed, n: int) -> list[int]:
-    """One seed per prompt from an int or a list."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed] * n
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"seed has {len(seeds)} values for {n} prompts; give one int or one per prompt")
-    return seeds
+def seeds_for(seed, n: int, span: int = 1) -> list[int]:
+    """One checked seed per prompt from an int or a sequence (see :func:`cfgen.checks.seeds`)."""
+    return checks.seeds(seed, n, span=span)
 
 
 def check_ids(model, seqs: list[list[int]], name: str) -> None:
@@ -267,9 +318,9 @@ def check_context(model, prompt_ids: list[list[int]], max_new: list[int]) -> Non
 
 def stop_fn(tokenizer, stop_strings) -> Optional[Callable[[list[int]], bool]]:
     """A test on a row's new tokens: does their text contain a stop string?"""
-    if not stop_strings:
+    stops = checks.stop_strings(stop_strings)
+    if not stops:
         return None
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
 
     def stop(ids: list[int]) -> bool:
         text = tokenizer.decode(ids[-16:], skip_special_tokens=False)
@@ -293,11 +344,31 @@ def eos_ids(tokenizer, model, eos_token_id) -> list[int]:
 
 # ---------------------------------------------------------------- rows --
 @dataclass
+class Hindsight:
+    """An observed text's posterior, made one decode step at a time, so memory does not grow with the text.
+
+    ``logits[t]`` are the factual model's (processed) logits before observed token ``tokens[t]``; every
+    posterior sample of the text shares them, so the noise held at once is one ``[V]`` row per sampled
+    row, never ``[T, V]`` per sample. ``sampler`` is the one the posterior conditions on.
+    """
+
+    logits: torch.Tensor  # [T, V]
+    tokens: torch.Tensor  # [T]
+    sampler: Sampler
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.logits.shape)
+
+
+@dataclass
 class Rows:
     """What each decoded row is (all lists have one entry per row).
 
-    ``posterior[r]`` is ``[T_r, V]`` noise for the row's first ``T_r`` sampled
-    steps (counted from ``step_offset[r]``); later steps use prior noise.
+    ``posterior[r]`` is the row's noise for its first ``T_r`` sampled steps (counted
+    from ``step_offset[r]``): a ``[T_r, V]`` tensor, or a :class:`Hindsight` whose
+    step's noise is drawn when that step is decoded (keyed by the row's seed and
+    the step); later steps use prior noise.
     """
 
     context: list[list[int]]
@@ -307,7 +378,7 @@ class Rows:
     step_offset: list[int] = field(default_factory=list)
     stream: list[int] = field(default_factory=list)
     intervene: list[bool] = field(default_factory=list)
-    posterior: list[Optional[torch.Tensor]] = field(default_factory=list)
+    posterior: list[Union[torch.Tensor, Hindsight, None]] = field(default_factory=list)
     layout: list[Optional[tuple[list[int], list[int]]]] = field(default_factory=list)  # user's (ids, mask) row
 
     def __post_init__(self) -> None:
@@ -1121,11 +1192,24 @@ def row_noise(rows: Rows, sel: Sequence[int], steps: Sequence[int], vocab: int, 
     for stream in torch.unique(streams).tolist():
         part = (streams == stream).nonzero()[:, 0]
         u[part] = gumbel_noise(seeds[part], st[part], vocab, stream=stream, device=device)
+    hindsight: dict[int, list[tuple[int, int, int]]] = {}  # one posterior call per sampler: (i, r, k)
     for i, r in enumerate(sel):
         post = rows.posterior[r]
         k = steps[i] - rows.step_offset[r]
-        if post is not None and 0 <= k < post.shape[0]:
+        if post is None or not 0 <= k < post.shape[0]:
+            continue
+        if isinstance(post, Hindsight):
+            hindsight.setdefault(id(post.sampler), []).append((i, r, k))
+        else:
             u[i] = post[k].to(device)
+    for group in hindsight.values():
+        posts = [rows.posterior[r] for _, r, _ in group]
+        z = torch.stack([h.logits[k] for h, (_, _, k) in zip(posts, group)]).to(device)
+        y = torch.stack([h.tokens[k] for h, (_, _, k) in zip(posts, group)]).to(device)
+        seeds_g = torch.tensor([rows.seed[r] for _, r, _ in group], dtype=torch.long, device=device)
+        k_g = torch.tensor([k for _, _, k in group], dtype=torch.long, device=device)
+        u[torch.tensor([i for i, _, _ in group], device=device)] = posterior_noise(
+            z, y, sampler=posts[0].sampler, seed=seeds_g, step=k_g)
     return u
 
 
@@ -1181,7 +1265,7 @@ class FreeRun:
 
 
 def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program, *, sampler: Sampler,
-           vocab_size: int, device) -> None:
+           vocab_size: int, device, processing=None) -> None:
     """The decode loop. ``batches`` pair a :class:`KVBatch` with the global indices of its rows.
 
     ``program.next(sel, tokens)`` receives the tokens sampled for rows ``sel``
@@ -1189,9 +1273,14 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
     to feed each row next (None: nothing to feed) and each row's noise step for
     the next sample (None: the row does not sample), or None to stop. Forced
     tokens (labels, set values) are simply fed; sampled rows draw
-    ``argmax(sampler.log_probs(logits) + noise)``.
+    ``argmax(sampler.log_probs(logits) + noise)``, or with a non-empty
+    :class:`cfgen.processors.Processing` ``argmax(log p~ + noise)``, ``p~`` being what the
+    processors make of each row's logits given that row's own history (its context and
+    everything fed since).
     """
     n = len(rows)
+    process = processing is not None and not processing.empty
+    history = [list(c) for c in rows.context] if process else None
     sel: list[int] = []
     token: Optional[torch.Tensor] = None
     try:
@@ -1203,6 +1292,9 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
             if feeds is not None:
                 for batch, idx in batches:
                     batch.feed([feeds[r] for r in idx])
+                if process:
+                    for r, fed in enumerate(feeds):
+                        history[r].extend(fed or ())
             sel = [r for r in range(n) if steps[r] is not None]
             if not sel:
                 token = torch.empty(0, dtype=torch.long, device=device)
@@ -1216,9 +1308,11 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
                 check_logits(logits)
             except ValueError as err:
                 raise StepError(f"{program.where()}: {err}") from None
-            # Later: per-row logits processors (each row's own history) go here, before the sampler.
             noise = row_noise(rows, sel, [steps[r] for r in sel], vocab_size, device)
-            token = sampler.sample(logits, noise)
+            if process:
+                token = processing.sample(logits, noise, [history[r] for r in sel], [rows.prompt_len[r] for r in sel])
+            else:
+                token = sampler.sample(logits, noise)
     finally:
         close = getattr(program, "close", None)
         if close is not None:
@@ -1227,7 +1321,7 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
 
 def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_ids: list[list[int]], *,
         sampler: Sampler, intervention: Intervention, eos: Sequence[int], stop=None, progress: bool = False,
-        collected: Optional[dict] = None):
+        collected: Optional[dict] = None, processing=None):
     """Decode ``rows`` (their ``intervene`` flags pick the counterfactual model) with :class:`FreeRun`.
 
     Returns (new tokens per row, finish reason per row, the schedule applied or None).
@@ -1264,7 +1358,7 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
                 stack.enter_context(runner.active())
             batches = [(KVBatch(runner, rows.select(idx), pad=pad, vocab=vocab, device=device), idx)
                        for runner, idx in groups]
-            decode(batches, rows, program, sampler=sampler, vocab_size=vocab, device=device)
+            decode(batches, rows, program, sampler=sampler, vocab_size=vocab, device=device, processing=processing)
     except StepError as err:
         raise ValueError(str(err)) from None
     if collected is not None:

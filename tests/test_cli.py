@@ -136,7 +136,7 @@ def test_missing_model_and_files_are_named_in_one_line(capsys, monkeypatch, tmp_
 
 def test_output_path_is_checked_before_model_work(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cfgen.models, "load_default_model", lambda **kw: pytest.fail("the model was loaded"))
-    run = ["run", "--intervention", "x", "--prompt", "hi", "--out"]
+    run = ["run", "--intervention", "steering_dark", "--prompt", "hi", "--out"]
     assert f"the folder {tmp_path / 'no'} does not exist" in usage_error(capsys, run + [str(tmp_path / "no" / "r")])
     assert "is a folder; give a file name" in usage_error(capsys, run + [str(tmp_path)])
     existing = tmp_path / "r.jsonl"
@@ -145,8 +145,8 @@ def test_output_path_is_checked_before_model_work(capsys, monkeypatch, tmp_path)
     assert "already exists; pass --resume to continue it or --overwrite to replace it" in line
     assert existing.read_text() == "precious\n"
     assert "is not a record of cfgen run" in usage_error(capsys, run + [str(existing), "--resume"])
-    assert "--resume continues an --out FILE" in usage_error(capsys, ["run", "--intervention", "x", "--prompt", "hi",
-                                                                      "--resume"])
+    assert "--resume continues an --out FILE" in usage_error(capsys, ["run", "--intervention", "steering_dark",
+                                                                      "--prompt", "hi", "--resume"])
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
