@@ -45,6 +45,10 @@ def _check_possible(z: torch.Tensor, tokens: torch.Tensor, sampler: Sampler, see
         raise ImpossibleObservation(why, index=(t,), token=int(tokens[t]), sampler=sampler)
 
 
+def _named(processing) -> str:
+    return ", ".join(d for d in processing.describe() if not d.startswith("Sampler("))
+
+
 def _budgets(max_new_tokens, limits, prompt_ids: list[list[int]], name: str = "max_new_tokens") -> list[int]:
     """Each prompt's new-token budget: ``max_new_tokens``, else ``max_length`` / a generation config's limit."""
     if max_new_tokens is not None:
@@ -54,6 +58,12 @@ def _budgets(max_new_tokens, limits, prompt_ids: list[list[int]], name: str = "m
         raise TypeError("give max_new_tokens= (or max_length= / a generation_config with either): how many new "
                         "tokens at most")
     return [checks.positive_int(m, name) for m in got]
+
+
+def _with_limits(hf_sampling: dict, eos_token_id, max_new_tokens) -> dict:
+    """Processors that need the EOS ids or the budget (min_length, forced_eos_token_id, ...) use the call's own."""
+    given = {"eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens}
+    return {**hf_sampling, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _eos(tokenizer, models, eos_token_id, limits) -> list[int]:
@@ -151,8 +161,9 @@ def generate(
     """
     models = E.resolve_models(model)
     tokenizer = E.resolve_tokenizer(tokenizer)
-    sampler, processing, limits, site_seed = E.resolve_sampling(sampler, models.counterfactual, hf_sampling,
-                                                                tokenizer)
+    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens", allow_none=True)
+    sampler, processing, limits, site_seed = E.resolve_sampling(
+        sampler, models.counterfactual, _with_limits(hf_sampling, eos_token_id, max_new_tokens), tokenizer)
     num_samples = checks.positive_int(num_samples, "num_samples")
     given = E.tokenized_prompts(prompts)
     layouts = given[1] if given else None
@@ -186,7 +197,7 @@ def generate(
         stop=E.stop_fn(tokenizer, stop_strings), progress=progress, collected=collected, processing=processing)
     n = len(pairs)
     result = CounterfactualResult(
-        prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
+        prompts=[p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(prompt_list, prompt_ids)],
         prompt_ids=prompt_ids,
         factual_ids=tokens[:n],
         counterfactual_ids=tokens[n:2 * n],
@@ -271,11 +282,10 @@ def counterfactual(
     """
     models = E.resolve_models(model)
     tokenizer = E.resolve_tokenizer(tokenizer)
-    sampler, processing, limits, site_seed = E.resolve_sampling(sampler, models.counterfactual, hf_sampling,
-                                                                tokenizer)
+    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens", allow_none=True)
+    sampler, processing, limits, site_seed = E.resolve_sampling(
+        sampler, models.counterfactual, _with_limits(hf_sampling, eos_token_id, max_new_tokens), tokenizer)
     num_samples = checks.positive_int(num_samples, "num_samples")
-    if max_new_tokens is not None:
-        max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens")
     given = E.tokenized_prompts(prompts)
     layouts = given[1] if given else None
     prompt_list = given[0] if given else E.as_list(prompts, "prompts")
@@ -289,7 +299,7 @@ def counterfactual(
             warnings.warn(
                 f"observed[{i}] does not survive tokenization: decode(encode(s)) = {tokenizer.decode(ids)!r} "
                 f"!= {text!r}. cfgen conditions on the token ids; pass token ids to choose them yourself.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=3,  # the caller of the (guarded) front-end
             )
     E.check_ids(E.hf_model(models.factual), prompt_ids, "prompts")
     E.check_ids(E.hf_model(models.factual), obs_ids, "observed")
@@ -320,7 +330,7 @@ def counterfactual(
             raise ImpossibleObservation(
                 f"prompt {p}: observed token {err.token} ({tokenizer.decode([err.token])!r}) at step {step} "
                 f"cannot be sampled under Sampler({sampler.describe()})"
-                f"{'' if processing.empty else ' and ' + ', '.join(processing.describe())}. {err}",
+                f"{'' if processing.empty else ' and ' + _named(processing)}. {err}",
                 index=(p, step), token=err.token, sampler=sampler,
             ) from None
         posts[p] = E.Hindsight(logits[p], tok, post_sampler)
@@ -349,7 +359,7 @@ def counterfactual(
     ends = [next((t for t, v in enumerate(o) if v in eos), None) for o in obs_ids]
     factual = [o if e is None else o[:e] for o, e in zip(obs_ids, ends)]
     result = CounterfactualResult(
-        prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompt_list],
+        prompts=[p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(prompt_list, prompt_ids)],
         prompt_ids=prompt_ids,
         factual_ids=[factual[p] for p, _ in pairs],
         counterfactual_ids=tokens[:n],
