@@ -147,7 +147,8 @@ def run_batch(model, tok, prompt, sampler, lo: int, hi: int, seed: int, interven
     recs = cs.generate_records(model, tok, prompt, SCHEMA, n=hi - lo, seed=seed + lo, sampler=sampler)
     even = [r for r in range(hi - lo) if (lo + r) % 2 == 0]
     odd = [r for r in range(hi - lo) if (lo + r) % 2 == 1]
-    counts = {"natural_sex": Counter(recs.parsed()[r]["Sex"] for r in even),
+    first = recs.parsed()
+    counts = {"natural_sex": Counter(first[r]["Sex"] for r in even),
               "unparseable": Counter(recs.unparseable())}
     index = [lo + r for r in even]
     group = ["model's own sex"] * len(even)

@@ -13,7 +13,7 @@ public API only, for:
   (Louvre -> London, Colosseum -> Paris), used as a model pair
   ``(model, edited)``;
 * the catalogue's ``steering_dark`` vector at 0.5x, 1x and 2x its shipped
-  strength (``source_representations``), added at every position;
+  strength (the stored vector scaled), added at every position;
 * the catalogue's ``patch_landmark_city`` interchange (Colosseum -> Eiffel
   Tower prompt, layer 24, last position);
 * the catalogue's DAS rotation for the city attribute Country
@@ -94,7 +94,8 @@ EDITS = [
     ("Colosseum -> Paris", "The Colosseum is located in the city of", "Colosseum", " Paris"),
 ]
 EDIT_LAYER = 6  # rome_landmark's layer (README: layers 2-8 behave alike)
-STEERING_SCALES = (0.5, 1.0, 2.0)  # x the shipped coefficient (4): 2, 4 and 8 times the mean difference
+STEERING_SCALES = (0.5, 1.0, 2.0)
+SHIPPED_NORM = 72.6  # the saved vector's norm (interventions/steering_dark/sweep.md, layer 9)  # x the shipped coefficient (4): 2, 4 and 8 times the mean difference
 # RAVEL-style city prompts for the DAS rotation: base city, a source city with another country
 DAS_PAIRS = [("Beihai", "Magdeburg"), ("Toronto", "Osaka"), ("Lyon", "Seattle"), ("Munich", "Madrid")]
 DAS_TEMPLATES = [
@@ -137,6 +138,24 @@ def load_catalogue(name: str, model):
     return cfgen.load(folder, model), example
 
 
+def steering(model, scale: float):
+    """The catalogue's steering vector at ``scale`` x its shipped strength.
+
+    The stored vector is scaled in place on a freshly loaded copy: pyvene's
+    AdditionIntervention adds its stored ``source_representation`` and ignores
+    one passed at call time, so ``source_representations=`` cannot rescale it.
+    """
+    iv, _ = load_catalogue("steering_dark", model)
+    (intervention,) = iv.interventions.values()
+    norm = float(intervention.source_representation.norm())
+    if abs(norm - SHIPPED_NORM) > 0.01 * SHIPPED_NORM:  # a cached, already scaled copy would compound the scales
+        raise RuntimeError(f"steering_dark's vector has norm {norm:.1f}, not the shipped {SHIPPED_NORM}: "
+                           "the catalogue returned a modified copy")
+    with torch.no_grad():
+        intervention.source_representation.mul_(scale)
+    return iv
+
+
 def last_token_of(tok, text: str, word: str) -> int:
     """Index of the last token of ``word`` in ``text`` as cfgen encodes it (with special tokens)."""
     enc = tok(text, return_offsets_mapping=True)
@@ -157,11 +176,7 @@ def build_settings(model, tok, args) -> list[dict]:
         settings.append({"name": f"rank-one edit: {name}", "family": "edit", "prompts": generic, "make": make})
 
     def steer(scale):
-        def make():
-            iv, _ = load_catalogue("steering_dark", model)
-            vector = next(iter(iv.interventions.values())).source_representation.detach().clone()
-            return iv, {"source_representations": vector * scale}
-        return make
+        return lambda: (steering(model, scale), {})
 
     for scale in STEERING_SCALES:
         settings.append({"name": f"steering_dark x{scale:g}", "family": "steering", "prompts": generic,

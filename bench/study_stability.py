@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 cf += normalized_levenshtein(d.factual_ids, d.counterfactual_ids, start=t + 1)
                 iv += normalized_levenshtein(d.factual_ids, d.interventional_ids, start=t + 1)
                 used += [lo + i for i in ok]
-                example = example or d
+                if example is None:
+                    example = d
             bar.update()
         if not used:
             raise SystemExit(f"no story reached step {t} under {sampler.describe()}: lower --step")

@@ -23,6 +23,7 @@ _LAZY = {
     "CounterfactualSampling": "cfgen.intervention",
     "sampling_site": "cfgen.intervention",
     "metrics": "cfgen.metrics",
+    "stats": "cfgen.stats",
     "ScopeResult": "cfgen.scopes",
     "DivergenceAttribution": "cfgen.scopes",
     "semantic_scope": "cfgen.scopes",

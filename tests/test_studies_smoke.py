@@ -48,6 +48,24 @@ def test_edit_vs_steering_smoke(tmp_path):
     assert "paper" in (tmp_path / "edit_vs_steering.md").read_text()
 
 
+def test_steering_scale_reaches_the_model():
+    # pyvene adds a stored source_representation and ignores one passed at call time: the script must scale the
+    # stored vector. Scale 0 changes nothing; the scales give the stored norms.
+    import cfgen
+
+    study = _script("study_edit_vs_steering")
+    model, tok = cfgen.load_default_model()
+    norms = {}
+    for scale in (0.0, 1.0, 2.0):
+        (iv,) = study.steering(model, scale).interventions.values()
+        norms[scale] = float(iv.source_representation.norm())
+    assert norms[0.0] == 0.0 and norms[2.0] == pytest.approx(2 * norms[1.0], rel=1e-6) and norms[1.0] > 1
+    r = cfgen.generate(study.steering(model, 0.0), tok, study.PROMPTS[:2], max_new_tokens=4, seed=0)
+    assert r.identical == [True, True]
+    r = cfgen.generate(study.steering(model, 2.0), tok, study.PROMPTS[:2], max_new_tokens=4, seed=0)
+    assert r.identical != [True, True]  # twice the shipped vector (KL ~0.6 at 1x) moves the first tokens
+
+
 def test_stability_smoke(tmp_path):
     _script("study_stability").main(["--smoke", "--out", str(tmp_path)])
     rows = _rows(tmp_path / "stability.csv")
