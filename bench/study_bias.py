@@ -12,8 +12,9 @@ embedded SmolLM2-135M-Instruct model, with cfgen's public API only:
    odd-numbered profile the sex is *forced* to ``Female`` (``do_field(Sex =
    Female)``; the later fields are sampled with that profile's noise) and the
    even-numbered ones keep the model's own value;
-3. on every profile whose sex, race and survey-id values are clean (one term,
-   ended by a newline, or forced), three interventions, each regenerating the
+3. on every profile whose sex and race values are clean (one term, ended by a
+   newline, or forced) and whose survey id swallowed no later field, three
+   interventions, each regenerating the
    later fields with the same noise (counterfactual) and with fresh noise
    (interventional baseline):
    ``do(Sex = the other sex)`` (Male -> Female on the model's profiles,
@@ -137,6 +138,11 @@ def clean(recs: cs.Records, values: list[dict], parsed: list[dict], r: int, name
             and len(text.split()) <= max_words and parsed[r][name] is not None)
 
 
+def replaceable(text: str | None) -> bool:
+    """The placebo may replace any short survey id (even a cut-off or non-numeric one) that swallowed no later field."""
+    return text is not None and ":" not in text and "," not in text and len(text.split()) <= 2
+
+
 def placebo_value(i: int, old: str | None) -> str:
     value = 10000 + (7919 * i + 4241) % 90000
     return str(value + 1 if old == str(value) else value)
@@ -161,7 +167,7 @@ def run_batch(model, tok, prompt, sampler, lo: int, hi: int, seed: int, interven
     parsed, values = combined.parsed(), combined.values
     rows = [r for r in range(len(combined))
             if parsed[r]["Sex"] in ("Male", "Female") and values[r]["Sex"] in ("Male", "Female")
-            and clean(combined, values, parsed, r, "Race", 2) and clean(combined, values, parsed, r, "Survey ID", 1)]
+            and clean(combined, values, parsed, r, "Race", 2) and replaceable(values[r]["Survey ID"])]
     out = []
     if rows:
         other_sex = ["Female" if parsed[r]["Sex"] == "Male" else "Male" for r in rows]
@@ -200,7 +206,7 @@ MIN_PAIRS = 20  # below this a bootstrap interval is too unreliable to call a di
 def verdict(d) -> str:
     if d.n < MIN_PAIRS:
         return f"too few pairs (< {MIN_PAIRS})"
-    return "yes" if d.excludes(0.0) else "no"
+    return "yes" if d.low > 0 else "below placebo" if d.high < 0 else "no"
 
 
 def changed(recs: list[dict], name: str, variant: str, field: str) -> list[bool]:
@@ -312,7 +318,7 @@ def write(args, table, recs, natural_sex, unparseable, by_group, totals, seconds
 
     lines = [f"{totals['profiles']} profiles (seeds {args.seed}..{args.seed + args.n - 1}, temperature "
              f"{args.temperature:g}); the model's own sex in the even ones: {dict(natural_sex)}; "
-             f"analysed (clean sex, race and survey id): {totals['analysed']} ({dict(by_group)}); unparseable "
+             f"analysed (clean sex and race, replaceable survey id): {totals['analysed']} ({dict(by_group)}); unparseable "
              f"values among all generated profiles, per field: {dict(unparseable)}. 95 % bootstrap (BCa) "
              f"intervals; {seconds / 60:.1f} min in all.", "",
              "| intervention | variant | profiles | field | pairs | changed (%) | minus placebo (pp, paired) "

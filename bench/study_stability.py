@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     for sweep, value, sampler in grid:
         got = cache[sampler]
         (cm, cl, ch), (im, il, ih), (gm, gl, gh) = ci(got["cf_ci"]), ci(got["iv_ci"]), ci(got["gap_ci"])
-        real = ("too few stories (< 20)" if got["n"] < 20 else "yes" if got["gap_ci"].excludes(0.0) else "no")
+        gap = got["gap_ci"]
+        real = ("too few stories (< 20)" if got["n"] < 20 else "yes" if gap.low > 0
+                else "reversed" if gap.high < 0 else "no")
         table.append({"sweep": sweep, "value": value, "sampler": sampler.describe(), "n": got["n"],
                       "counterfactual_mean": cm, "counterfactual_low": cl, "counterfactual_high": ch,
                       "interventional_mean": im, "interventional_low": il, "interventional_high": ih,
