@@ -19,6 +19,11 @@ public API only, for:
 * the catalogue's DAS rotation for the city attribute Country
   (``ravel_country`` DAS, layer 8, the city's last token).
 
+A control (an unedited copy of the model as the counterfactual model) checks
+the machinery: prior mode must keep every text; hindsight keeps a text unless
+rounding differences between the teacher-forced logits (posterior) and the
+KV-cached decode flip a near-tie.
+
 Edits and steering share one set of generic prompts (sentence beginnings not
 about the edited subjects, as for the paper's Wikipedia prompts) and seeds,
 so their factual texts are the same texts. The patch and the rotation are
@@ -45,6 +50,7 @@ the runtime); ``--smoke`` runs a tiny configuration (n = 2, 4 tokens).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import time
@@ -109,6 +115,7 @@ FALLBACK_FOLDERS = {"steering_dark": "steering_dark/intervention",
                     "ravel_country_das": "ravel_country/das"}
 # Ravfogel et al.'s numbers (DESIGN.md §6, issue 14), from the authors' released outputs
 PAPER = {
+    "control": "- (same model: 100 % expected)",
     "edit": "70.4 % / 81.8 % identical (MEMIT, GPT2-XL, 2 edits, 500 texts each)",
     "steering": "0.0 % identical (Llama-3-8B-Instruct); 14.8 % (GPT-2 gender steering); "
                 "median normalised shared prefix ~0.25-0.3",
@@ -167,7 +174,10 @@ def build_settings(model, tok, args) -> list[dict]:
     """Each setting: a name, family, the model argument, prompts and intervention keywords (built lazily)."""
     n = args.n
     generic = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    settings = []
+    # control: an unedited copy as the counterfactual model. Prior mode must keep every text; hindsight keeps a
+    # text unless the posterior left a near-tie that the decode's rounding (KV cache vs teacher forcing) flips.
+    settings = [{"name": "control: unedited copy", "family": "control", "prompts": generic,
+                 "make": lambda: ((model, copy.deepcopy(model)), {})}]
     for name, prompt, subject, new in EDITS:
         def make(prompt=prompt, subject=subject, new=new):
             edited = cfgen.rank_one_edit(model, tok, prompt, subject, new, layer=EDIT_LAYER,

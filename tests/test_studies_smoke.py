@@ -33,8 +33,10 @@ def test_edit_vs_steering_smoke(tmp_path):
     study = _script("study_edit_vs_steering")
     study.main(["--smoke", "--out", str(tmp_path)])
     rows = _rows(tmp_path / "edit_vs_steering.csv")
-    n_settings = len(study.EDITS) + len(study.STEERING_SCALES) + 2  # + patch + DAS
+    n_settings = 1 + len(study.EDITS) + len(study.STEERING_SCALES) + 2  # control + edits + steering + patch + DAS
     assert len(rows) == 2 * n_settings
+    control = [r for r in rows if r["family"] == "control" and r["mode"] == "prior"]
+    assert [float(r["identical"]) for r in control] == [1.0]  # same model, same noise: every text kept
     assert {r["mode"] for r in rows} == {"prior", "hindsight"}
     for r in rows:
         assert r["n"] == "2"
