@@ -20,9 +20,9 @@ public API only, for:
   (``ravel_country`` DAS, layer 8, the city's last token).
 
 A control (an unedited copy of the model as the counterfactual model) checks
-the machinery: prior mode must keep every text; hindsight keeps a text unless
-rounding differences between the teacher-forced logits (posterior) and the
-KV-cached decode flip a near-tie.
+the machinery: both modes must keep every text. Hindsight conditions on each
+factual text *including* the EOS token it ended with (the result's ids stop
+before it), so that a finished text stays finished.
 
 Edits and steering share one set of generic prompts (sentence beginnings not
 about the edited subjects, as for the paper's Wikipedia prompts) and seeds,
@@ -174,8 +174,7 @@ def build_settings(model, tok, args) -> list[dict]:
     """Each setting: a name, family, the model argument, prompts and intervention keywords (built lazily)."""
     n = args.n
     generic = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    # control: an unedited copy as the counterfactual model. Prior mode must keep every text; hindsight keeps a
-    # text unless the posterior left a near-tie that the decode's rounding (KV cache vs teacher forcing) flips.
+    # control: an unedited copy as the counterfactual model; both modes must keep every text.
     settings = [{"name": "control: unedited copy", "family": "control", "prompts": generic,
                  "make": lambda: ((model, copy.deepcopy(model)), {})}]
     for name, prompt, subject, new in EDITS:
@@ -257,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     model, tok = cfgen.load_default_model()
     sampler = cfgen.Sampler(temperature=args.temperature)
+    eos = tok.eos_token_id
+    if model.generation_config.eos_token_id not in (eos, [eos]):
+        raise SystemExit(f"the model stops at {model.generation_config.eos_token_id}, the tokenizer's EOS is {eos}: "
+                         "hindsight needs the one EOS token the factual texts ended with")
     settings = build_settings(model, tok, args)
     batches = [(lo, min(lo + args.batch, args.n)) for lo in range(0, args.n, args.batch)]
     bar = tqdm(total=2 * len(settings) * len(batches), desc="edit vs steering", unit="batch")
@@ -267,16 +270,20 @@ def main(argv: list[str] | None = None) -> None:
         target, kw = s["make"]()
         t_build = time.time() - t0
         seeds = [args.seed + i for i in range(args.n)]
-        fact, cf_prior, cf_hind = [], [], []
+        fact, ended, cf_prior, cf_hind = [], [], [], []
         for lo, hi in batches:
             r = cfgen.generate(target, tok, s["prompts"][lo:hi], max_new_tokens=args.new_tokens, sampler=sampler,
                                seed=seeds[lo:hi], **batch_kwargs(kw, lo, hi))
             fact += r.factual_ids
+            ended += r.finish_reasons["factual"]
             cf_prior += r.counterfactual_ids
             bar.update()
+        # factual ids stop before the EOS token they sampled: give it back to the posterior, else hindsight would
+        # condition on an unfinished text and keep sampling after it (the texts would differ after their end)
+        observed = [list(f) + [eos] if why == "eos" else list(f) for f, why in zip(fact, ended)]
         for lo, hi in batches:
             # hindsight on the model's own texts; posterior draws use other seeds than the prior noise
-            r = cfgen.counterfactual(target, tok, s["prompts"][lo:hi], [list(f) for f in fact[lo:hi]],
+            r = cfgen.counterfactual(target, tok, s["prompts"][lo:hi], observed[lo:hi],
                                      max_new_tokens=args.new_tokens, sampler=sampler,
                                      seed=[1_000_000 + x for x in seeds[lo:hi]], **batch_kwargs(kw, lo, hi))
             cf_hind += r.counterfactual_ids
