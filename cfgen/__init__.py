@@ -25,6 +25,7 @@ _LAZY = {
     "FormatError": "cfgen.persist",
     "register_intervention": "cfgen.persist",
     "metrics": "cfgen.metrics",
+    "stats": "cfgen.stats",
     "ScopeResult": "cfgen.scopes",
     "DivergenceAttribution": "cfgen.scopes",
     "semantic_scope": "cfgen.scopes",
