@@ -125,24 +125,11 @@ PAPER = {
 
 
 def load_catalogue(name: str, model):
-    """A catalogue entry around ``model``, and its example (prompts, positions) or None.
+    """A catalogue entry around ``model``, and its example (prompts, positions) or None."""
+    from cfgen import catalogue
 
-    ``cfgen.catalogue`` (entries shipped inside the package) when this cfgen has it,
-    else the folders under ``interventions/`` of a source checkout.
-    """
-    try:
-        from cfgen import catalogue
-    except ImportError:
-        catalogue = None
-    if catalogue is not None:
-        example = None
-        if name == "patch_landmark_city":
-            example = catalogue.example(name)
-        return catalogue.load(name, model), example
-    folder = ROOT / "interventions" / FALLBACK_FOLDERS[name]
-    example_file = folder.parent / "example.json"
-    example = json.loads(example_file.read_text()) if example_file.is_file() else None
-    return cfgen.load(folder, model), example
+    example = catalogue.example(name) if name == "patch_landmark_city" else None
+    return catalogue.load(name, model), example
 
 
 def steering(model, scale: float):

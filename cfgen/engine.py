@@ -597,6 +597,12 @@ class PyveneRunner:
             else:
                 m = mask.any(1).reshape((-1,) + (1,) * (tensor.dim() - 1))
             merged = torch.where(m, tensor, kept.to(tensor.dtype))
+            if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(kept).all()):
+                iv = self.pv.interventions[key]
+                raise StepError(
+                    f"intervention {key!r} ({type(iv).__name__}) turned finite activations into NaN or inf; check its "
+                    "vector / weights (a NaN source_representation, an overflowing scale, an fp16 rotation)"
+                )
             if tensor is out:
                 return merged
             out.output = merged
@@ -989,6 +995,28 @@ def _serial_runner(pv, tokenizer, rows_prompt, prompt_ids, intervention: Interve
                         shift=tensor_width is None)
 
 
+def _check_source_kinds(pv, active: list[str], sources, source_representations) -> None:
+    """Refuse what pyvene would silently ignore: a per-call vector for an intervention that holds its own, and an
+    interchange-type intervention given no source at all (it would patch nothing, so cf == factual)."""
+    for key in active:
+        iv = pv.interventions[key]
+        stored = getattr(iv, "source_representation", None) is not None
+        if stored and source_representations is not None:
+            given = source_representations
+            if not isinstance(given, Mapping) or key in given:
+                raise ValueError(
+                    f"intervention {key!r} ({type(iv).__name__}) holds its own source_representation, and pyvene "
+                    "uses that one: source_representations= would be ignored for it. Build it without a stored "
+                    "vector to pass one per call, or change its stored vector (e.g. a scaled copy) instead"
+                )
+        if not getattr(iv, "is_source_constant", True) and sources is None and source_representations is None:
+            raise ValueError(
+                f"intervention {key!r} ({type(iv).__name__}) takes its values from a source run, and the call gives "
+                "none, so it would change nothing (counterfactual == factual). Give sources= with unit_locations= "
+                '(e.g. unit_locations={"sources->base": (4, 4)}), or source_representations='
+            )
+
+
 def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[int]], intervention: Intervention,
                   device, tensor_width: Optional[int] = None) -> tuple[PyveneRunner, Schedule]:
     """Read the user's pyvene arguments (positions count from each prompt's first token) into a runner.
@@ -1003,6 +1031,7 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     keys = list(pv.sorted_keys)
     passive = [k for k in keys if type(pv.interventions[k]).__name__ == "CounterfactualSampling"]
     active = [k for k in keys if k not in passive]
+    _check_source_kinds(pv, active, sources, source_representations)
     if getattr(pv, "mode", "parallel") == "serial":
         return _serial_runner(pv, tokenizer, rows_prompt, prompt_ids, intervention, device, tensor_width), "prompt"
     if unit_locations is None and sources is not None:
@@ -1290,8 +1319,11 @@ def decode(batches: Sequence[tuple[KVBatch, Sequence[int]]], rows: Rows, program
                 break
             feeds, steps = plan
             if feeds is not None:
-                for batch, idx in batches:
-                    batch.feed([feeds[r] for r in idx])
+                try:
+                    for batch, idx in batches:
+                        batch.feed([feeds[r] for r in idx])
+                except StepError as err:
+                    raise StepError(f"{program.where()}: {err}") from None
                 if process:
                     for r, fed in enumerate(feeds):
                         history[r].extend(fed or ())
@@ -1356,8 +1388,11 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for runner, _ in groups:
                 stack.enter_context(runner.active())
-            batches = [(KVBatch(runner, rows.select(idx), pad=pad, vocab=vocab, device=device), idx)
-                       for runner, idx in groups]
+            try:
+                batches = [(KVBatch(runner, rows.select(idx), pad=pad, vocab=vocab, device=device), idx)
+                           for runner, idx in groups]
+            except StepError as err:
+                raise StepError(f"in the prompt's forward pass: {err}") from None
             decode(batches, rows, program, sampler=sampler, vocab_size=vocab, device=device, processing=processing)
     except StepError as err:
         raise ValueError(str(err)) from None
