@@ -110,9 +110,6 @@ DAS_TEMPLATES = [
     "Welcome to %s! This city is famous for",
 ]
 DAS_SOURCE_TEMPLATE = "%s is a city in the country of"
-FALLBACK_FOLDERS = {"steering_dark": "steering_dark/intervention",
-                    "patch_landmark_city": "patch_landmark_city/intervention",
-                    "ravel_country_das": "ravel_country/das"}
 # Ravfogel et al.'s numbers (DESIGN.md §6, issue 14), from the authors' released outputs
 PAPER = {
     "control": "- (same model: 100 % expected)",
