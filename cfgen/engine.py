@@ -1031,7 +1031,6 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     keys = list(pv.sorted_keys)
     passive = [k for k in keys if type(pv.interventions[k]).__name__ == "CounterfactualSampling"]
     active = [k for k in keys if k not in passive]
-    _check_source_kinds(pv, active, sources, source_representations)
     if getattr(pv, "mode", "parallel") == "serial":
         return _serial_runner(pv, tokenizer, rows_prompt, prompt_ids, intervention, device, tensor_width), "prompt"
     if unit_locations is None and sources is not None:
@@ -1126,6 +1125,7 @@ def pyvene_runner(pv, tokenizer, rows_prompt: list[int], prompt_ids: list[list[i
     subs = subspaces
     if subspaces is not None and _list_depth(subspaces) == 3:
         subs = [[per[p if len(per) > 1 else 0] for p in rows_prompt] for per in subspaces]
+    _check_source_kinds(pv, active, sources, source_representations)  # after the forms, so those errors come first
     return PyveneRunner(pv, schedule=schedule, base_locations=base_locations, sources=src_inputs,
                         source_locations=src_locations, source_representations=reps, subspaces=subs,
                         passive=passive, shift=tensor_width is None), schedule

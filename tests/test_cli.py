@@ -190,7 +190,7 @@ def test_unit_locations_bare_forms_mean_base_positions(setup, tmp_path):
     for form in ("1", "[1]", '{"base": [1]}'):
         out = tmp_path / f"{len(runs)}.jsonl"
         assert main(base_args(setup, out, "--unit-locations", form)) == 0
-        runs[form] = [{k: v for k, v in json.loads(line).items() if k != "settings"}
+        runs[form] = [{k: v for k, v in json.loads(line).items() if k not in ("settings", "provenance")}
                       for line in out.read_text().splitlines()]
     assert runs["1"] == runs["[1]"] == runs['{"base": [1]}']
 

@@ -70,8 +70,10 @@ def test_cli_run_writes_records(tmp_path):
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     from cfgen.cli import main
 
-    with pytest.raises(SystemExit, match="no intervention"):
+    with pytest.raises(SystemExit) as exc:
         main(["run", "--intervention", str(tmp_path / "missing"), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no intervention" in err and "Traceback" not in err
 
 
 def test_save_load_round_trip_with_sampling_site_in_fresh_process(tmp_path):
