@@ -14,7 +14,12 @@ On the embedded model with the shipped steering vector (layer 9), 64 new tokens:
   process's peak resident memory (the model's weights included).
 
 Ratios are measured side by side in one run. ``python bench/generate.py``
-(add ``--quick`` for fewer tokens and strings).
+(add ``--quick`` for fewer tokens and strings). ``--device cuda`` runs on a GPU
+(time after ``torch.cuda.synchronize``; peak memory is then the GPU's
+``max_memory_allocated``), ``--model llama3-8b-shapes`` on a randomly
+initialised bf16 model with Llama-3-8B's shapes (speed needs no trained
+weights; prompts from the embedded tokenizer), ``--batches 1,8,64`` picks the
+batch sizes. Tokens per second count the new tokens of every row.
 """
 
 from __future__ import annotations
@@ -34,17 +39,39 @@ STORIES = ["Once upon a time, in a quiet harbour town,", "The robot looked at th
            "Every morning, the gardener", "High above the city, a lonely cloud"]
 
 
-def _setup():
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def _setup(model_kind: str = "embedded", device: str = "cpu"):
     import cfgen
 
     model, tok = cfgen.load_default_model()
-    steer = cfgen.catalogue.load("steering_dark", model)
-    vector = next(iter(steer.interventions.values())).source_representation
+    if model_kind == "embedded":
+        model = model.to(device)
+        steer = cfgen.catalogue.load("steering_dark", model)
+        vector = next(iter(steer.interventions.values())).source_representation
+        return cfgen, model, tok, steer, vector
+    import pyvene as pv
+    import transformers
+
+    cfg = transformers.LlamaConfig(**LLAMA3_8B, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    vector = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    steer = pv.IntervenableModel({"layer": 9, "component": "block_output", "intervention": pv.AdditionIntervention(
+        embed_dim=cfg.hidden_size, source_representation=vector)}, model)
     return cfgen, model, tok, steer, vector
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _hf_generate(model, tok, prompts, n, hook_vector=None, logits_processor=None, do_sample=True):
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     handle = None
     if hook_vector is not None:
         handle = model.model.layers[9].register_forward_hook(
@@ -58,9 +85,11 @@ def _hf_generate(model, tok, prompts, n, hook_vector=None, logits_processor=None
             handle.remove()
 
 
-def measure(name: str, batch: int, tokens: int, strings: int) -> dict:
-    cfgen, model, tok, steer, vector = _setup()
-    torch.set_num_threads(1)
+def measure(name: str, batch: int, tokens: int, strings: int, model_kind: str = "embedded",
+            device: str = "cpu") -> dict:
+    cfgen, model, tok, steer, vector = _setup(model_kind, device)
+    if device == "cpu":
+        torch.set_num_threads(1)
     prompts = (STORIES * 8)[:batch]
     # Warm-up outside the timing, of the measured side only (so its peak memory is its own): pages the
     # weights in and compiles cfgen's noise kernels.
@@ -69,6 +98,9 @@ def measure(name: str, batch: int, tokens: int, strings: int) -> dict:
         cfgen.counterfactual(steer, tok, prompts[:1], [[11, 12]], seed=0, eos_token_id=[])
     else:
         _hf_generate(model, tok, prompts[:1], 2)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if name == "cfgen_pair":
         cfgen.generate(steer, tok, prompts, max_new_tokens=tokens, seed=0, eos_token_id=[])
@@ -88,9 +120,13 @@ def measure(name: str, batch: int, tokens: int, strings: int) -> dict:
         else:
             for prompt, obs in observed:
                 _reference_hindsight(cfgen, model, tok, prompt, obs, vector)
+    _sync(device)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; the process's whole peak
-    return {"name": name, "batch": batch, "seconds": seconds, "peak_mib": peak / 1024}
+    if device.startswith("cuda"):
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the whole peak
+    return {"name": name, "batch": batch, "seconds": seconds, "peak_mib": peak_mib}
 
 
 def _observed(cfgen, model, tok, strings, tokens):
@@ -125,31 +161,39 @@ def _reference_hindsight(cfgen, model, tok, prompt, observed, vector):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens and 8 hindsight strings")
     parser.add_argument("--only", choices=["pair", "hindsight"], help="run one half of the table")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--model", default="embedded", choices=["embedded", "llama3-8b-shapes"],
+                        help="the embedded model, or a random bf16 model with Llama-3-8B's shapes")
+    parser.add_argument("--batches", default="1,8", help="batch sizes of the pair table, e.g. 1,8,64")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens, strings = (16, 8) if args.quick else (64, 32)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.batch, tokens, strings)))
+        print(json.dumps(measure(args.measure, args.batch, tokens, strings, args.model, args.device)))
         return
 
     def run(name, batch=1):
-        cmd = [sys.executable, __file__, "--measure", name, "--batch", str(batch)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--measure", name, "--batch", str(batch), "--device", args.device,
+               "--model", args.model] + (["--quick"] if args.quick else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def row(label, m, note=""):
         print(f"{label:46s} {m['seconds']:9.2f} {m['peak_mib']:9.0f}  {note}")
 
-    print(f"embedded SmolLM2-135M-Instruct, steering at layer 9, {tokens} new tokens, 1 thread, fresh process each")
+    what = "embedded SmolLM2-135M-Instruct" if args.model == "embedded" else "random bf16 Llama-3-8B shapes"
+    threads = "1 thread, " if args.device == "cpu" else ""
+    print(f"{what} on {args.device}, steering at layer 9, {tokens} new tokens, {threads}fresh process each")
     print(f"{'measurement':46s} {'seconds':>9s} {'peak MiB':>9s}  ratio")
-    for batch in (1, 8) if args.only != "hindsight" else ():
+    for batch in [int(b) for b in args.batches.split(",")] if args.only != "hindsight" else ():
         pair, two, one = run("cfgen_pair", batch), run("hf_two_calls", batch), run("hf_one_call", batch)
         row(f"B={batch} cfgen factual+counterfactual pair", pair,
             f"{pair['seconds'] / two['seconds']:.2f}x the time of two HF calls; "
-            f"{pair['peak_mib'] / max(one['peak_mib'], 1):.2f}x the peak memory of one")
+            f"{pair['peak_mib'] / max(one['peak_mib'], 1):.2f}x the peak memory of one; "
+            f"{2 * batch * tokens / pair['seconds']:.0f} tokens/s")
         row(f"B={batch} two HF generate calls", two)
         row(f"B={batch} one HF generate call", one)
     if args.only == "pair":
