@@ -129,6 +129,17 @@ def resolve_models(model) -> Models:
     )
 
 
+def _check_devices(model) -> None:
+    """Weights left on the meta device with no accelerate hook to bring them in cannot be run."""
+    if any(p.device.type == "meta" for p in model.parameters()) and not any(
+            hasattr(m, "_hf_hook") for m in model.modules()):
+        raise ValueError(
+            f"the {type(model).__name__} has weights on the 'meta' device and no accelerate hook that loads them: "
+            "load it with from_pretrained(..., device_map=...) (accelerate dispatches and offloads it) or "
+            "materialise it (to_empty + load_state_dict) first"
+        )
+
+
 def check_hf(model) -> None:
     """Refuse, in one line, a model that is not a Hugging Face causal LM (e.g. pyvene's own GRU)."""
     if not hasattr(model, "config") or not _accepts(model, "attention_mask") or not (
@@ -137,6 +148,7 @@ def check_hf(model) -> None:
             f"cfgen decodes Hugging Face causal language models; the wrapped model is a {type(model).__name__}, "
             "which has no token-by-token decoding interface (input_ids, attention_mask, KV cache)"
         )
+    _check_devices(model)
 
 
 def resolve_tokenizer(tokenizer):
@@ -1379,6 +1391,7 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
                              "pyvene.IntervenableModel as the counterfactual model")
         groups = [(PlainRunner(models.factual), fact_rows), (PlainRunner(cf), cf_rows)]
     groups = [(runner, idx) for runner, idx in groups if idx]
+    _check_decode_memory(hf_model(models.factual), rows, vocab, device)
     bar = None
     if progress:
         from tqdm.auto import tqdm as bar
@@ -1402,6 +1415,24 @@ def run(models: Models, tokenizer, rows: Rows, rows_prompt: list[int], prompt_id
                 for r, got in zip(idx, runner.rows_collected(len(idx))):
                     collected[r] = got
     return program.tokens, program.reason, (list(schedule) if isinstance(schedule, list) else schedule)
+
+
+def _check_decode_memory(model, rows: Rows, vocab: int, device) -> None:
+    """Refuse up front a decode whose per-step tensors and KV cache cannot fit (rather than failing after minutes)."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    head_dim = getattr(cfg, "head_dim", None) or hidden // max(heads, 1)
+    width = max((len(c) + m for c, m in zip(rows.context, rows.max_new)), default=0)
+    itemsize = next(model.parameters()).element_size()
+    per_row = 6 * vocab * 4 + layers * 2 * kv_heads * head_dim * width * itemsize  # logits, noise, log-probs; cache
+    needed = len(rows) * per_row
+    available = None
+    if torch.device(device).type == "cuda":
+        available = torch.cuda.mem_get_info(torch.device(device))[0]
+    checks.check_memory(needed, f"decoding {len(rows)} rows of up to {width} tokens", available=available)
 
 
 def check_intervention(models: Models, tokenizer, prompt_ids: list[list[int]], intervention: Intervention,

@@ -21,6 +21,9 @@ from ._ieee import fixed_point_bits
 __all__ = ["Sampler", "check_logits"]
 
 
+MIN_TEMPERATURE = 1e-6  # logits up to 1e30 in magnitude stay finite in float32 after the division
+
+
 def check_logits(logits: torch.Tensor, what: str = "logits") -> None:
     """Raise a ValueError if ``logits`` is not a floating tensor free of NaN and +inf
     with a finite entry in every row."""
@@ -81,6 +84,9 @@ class Sampler:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:  # logits / t would overflow float32 to inf, and inf - inf is NaN
+            raise ValueError(f"temperature={t!r} is below {MIN_TEMPERATURE:g}, where dividing the logits overflows "
+                             "float32; use temperature=0 for greedy decoding (the limit of small temperatures)")
         object.__setattr__(self, "temperature", float(t))
         k = self.top_k
         if k is not None:

@@ -248,3 +248,21 @@ def test_chats_go_through_the_chat_template():
     assert one.prompt_ids == [ids] and two.prompt_ids[0] == ids and len(two.prompt_ids) == 2
     assert one.factual_ids[0] == cfgen.generate(zero, tok, [ids], max_new_tokens=4, seed=1,
                                                 eos_token_id=[]).factual_ids[0]
+
+
+def test_calls_that_cannot_fit_are_refused_with_the_number(monkeypatch):
+    zero = steering(tiny_llama(), torch.zeros(16))
+    monkeypatch.setattr(cfgen.checks, "available_memory", lambda: 2**20)  # 1 MiB left
+    with pytest.raises(MemoryError, match="decoding 2000 rows of up to"):
+        cfgen.generate(zero, TOK, "hello", max_new_tokens=4, num_samples=1000)
+    with pytest.raises(MemoryError, match="GiB"):
+        cfgen.counterfactual(zero, TOK, ["hello"] * 64, [[5] * 120] * 64)
+
+
+def test_weights_left_on_the_meta_device_are_refused():
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(tiny_llama().config)
+    with pytest.raises(ValueError, match="meta"):
+        cfgen.generate(steering(model, torch.zeros(16)), TOK, "hi", max_new_tokens=2)

@@ -108,3 +108,10 @@ def test_a_row_of_only_minus_inf_is_rejected_with_its_index():
         cfgen.Sampler().log_probs(logits)
     with pytest.raises(ValueError, match="all -inf"):
         cfgen.posterior_noise(logits, torch.tensor([1, 0]))
+
+
+def test_tiny_temperatures_are_refused_not_turned_into_nan():
+    with pytest.raises(ValueError, match="temperature=0 for greedy"):
+        cfgen.Sampler(temperature=1e-38)
+    s = cfgen.Sampler(temperature=1e-6)
+    assert torch.isfinite(s.log_probs(torch.tensor([[1e4, -1e4, 0.0]])).amax())
