@@ -60,6 +60,21 @@ def _budgets(max_new_tokens, limits, prompt_ids: list[list[int]], name: str = "m
     return [checks.positive_int(m, name) for m in got]
 
 
+def _read_call(model, tokenizer, prompts, sampler, max_new_tokens, num_samples, eos_token_id, hf_sampling):
+    """What generate and counterfactual read alike, checked before any model work."""
+    models = E.resolve_models(model)
+    tokenizer = E.resolve_tokenizer(tokenizer)
+    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens", allow_none=True)
+    sampler, processing, limits, site_seed = E.resolve_sampling(
+        sampler, models.counterfactual, _with_limits(hf_sampling, eos_token_id, max_new_tokens), tokenizer)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    given = E.tokenized_prompts(prompts)
+    layouts = given[1] if given else None
+    prompt_list = given[0] if given else E.as_list(prompts, "prompts")
+    return (models, tokenizer, sampler, processing, limits, site_seed, max_new_tokens, num_samples, layouts,
+            prompt_list)
+
+
 def _with_limits(hf_sampling: dict, eos_token_id, max_new_tokens) -> dict:
     """Processors that need the EOS ids or the budget (min_length, forced_eos_token_id, ...) use the call's own."""
     given = {"eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens}
@@ -159,15 +174,9 @@ def generate(
         >>> r.identical  # a zero steering vector changes nothing
         [True]
     """
-    models = E.resolve_models(model)
-    tokenizer = E.resolve_tokenizer(tokenizer)
-    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens", allow_none=True)
-    sampler, processing, limits, site_seed = E.resolve_sampling(
-        sampler, models.counterfactual, _with_limits(hf_sampling, eos_token_id, max_new_tokens), tokenizer)
-    num_samples = checks.positive_int(num_samples, "num_samples")
-    given = E.tokenized_prompts(prompts)
-    layouts = given[1] if given else None
-    prompt_list = given[0] if given else E.as_list(prompts, "prompts")
+    (models, tokenizer, sampler, processing, limits, site_seed, max_new_tokens, num_samples, layouts,
+     prompt_list) = _read_call(model, tokenizer, prompts, sampler, max_new_tokens, num_samples, eos_token_id,
+                               hf_sampling)
     prompt_ids = E.encode(tokenizer, prompt_list, "prompts", special=True)
     budgets = _budgets(max_new_tokens, limits, prompt_ids)
     E.check_ids(E.hf_model(models.factual), prompt_ids, "prompts")
@@ -280,15 +289,9 @@ def counterfactual(
         >>> r.counterfactual_texts
         [' is sunny and warm.', ' is sunny and warm.']
     """
-    models = E.resolve_models(model)
-    tokenizer = E.resolve_tokenizer(tokenizer)
-    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens", allow_none=True)
-    sampler, processing, limits, site_seed = E.resolve_sampling(
-        sampler, models.counterfactual, _with_limits(hf_sampling, eos_token_id, max_new_tokens), tokenizer)
-    num_samples = checks.positive_int(num_samples, "num_samples")
-    given = E.tokenized_prompts(prompts)
-    layouts = given[1] if given else None
-    prompt_list = given[0] if given else E.as_list(prompts, "prompts")
+    (models, tokenizer, sampler, processing, limits, site_seed, max_new_tokens, num_samples, layouts,
+     prompt_list) = _read_call(model, tokenizer, prompts, sampler, max_new_tokens, num_samples, eos_token_id,
+                               hf_sampling)
     obs_list = E.as_list(observed, "observed")
     if len(obs_list) != len(prompt_list):
         raise ValueError(f"{len(obs_list)} observed continuations for {len(prompt_list)} prompts; give one each")
