@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import pyvene as pv
 import torch
 
+from .engine import import_pyvene
 from .sampler import Sampler
+
+pv = import_pyvene()  # without its import-time print
 
 __all__ = ["CounterfactualSampling", "sampling_site", "SAMPLING_COMPONENT"]
 
