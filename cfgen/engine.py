@@ -501,7 +501,8 @@ def _one_position_per_unit(iv, forward: Callable) -> Callable:
         return forward
 
     def run(base, source=None, subspaces=None, **kwargs):
-        if keep:
+        stacked = keep or base.dim() == 3  # [batch, units, d]: keep_last_dim, or head units
+        if stacked:
             if base.dim() != 3 or base.shape[-1] != d:
                 return forward(base, source, subspaces, **kwargs)
             b, u = base.shape[0], base.shape[1]
@@ -517,7 +518,7 @@ def _one_position_per_unit(iv, forward: Callable) -> Callable:
             subs = [s for s in subspaces for _ in range(u)]
         out = forward(base.reshape(b * u, d), flat_source, subs, **kwargs)
         tensor = getattr(out, "output", out)
-        merged = tensor.reshape(base.shape[:-1] + tensor.shape[-1:]) if keep else tensor.reshape(b, -1)
+        merged = tensor.reshape(base.shape[:-1] + tensor.shape[-1:]) if stacked else tensor.reshape(b, -1)
         if tensor is out:
             return merged
         out.output = merged
@@ -700,8 +701,11 @@ class PyveneRunner:
             for i, key in enumerate(self.keys):
                 rep = self.source_representations.get(key)
                 if rep is not None:
-                    n_units = len(base_locs[i][-1][0]) if self.units[key] == "h.pos" else len(base_locs[i][0])
-                    reps[key] = rep.expand(n, n_units, rep.shape[-1])
+                    if self.units[key] == "h.pos":  # pyvene's base is [rows, heads, positions, d] there
+                        heads, n_units = len(base_locs[i][0][0]), len(base_locs[i][-1][0])
+                        reps[key] = rep.expand(n, n_units, rep.shape[-1])[:, None].expand(n, heads, n_units, -1)
+                    else:
+                        reps[key] = rep.expand(n, len(base_locs[i][0]), rep.shape[-1])
         unit_locations = {"sources->base": (source_locs if sources is not None else None, base_locs)}
         _, out = self.pv(base, sources=sources, unit_locations=unit_locations, source_representations=reps,
                          subspaces=self.subspaces)

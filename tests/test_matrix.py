@@ -47,10 +47,6 @@ NAMES = [k.name for k in M.KINDS]
 
 # Cells that fail today (engine bugs found by the matrix): they run, xfail with the reason, and fail once fixed.
 KNOWN = {
-    ("BoundlessRotatedSpace", "head_attention_value_output", "locations"):
-        "h.pos head units with Boundless: cfgen's per-unit split gives a shape mismatch (RuntimeError)",
-    ("SigmoidMaskRotatedSpace", "head_attention_value_output", "locations"):
-        "h.pos head units with SigmoidMaskRotated: cfgen's per-unit split gives a shape mismatch (RuntimeError)",
     ("Noise", "head_attention_value_output", "locations"):
         "cfgen refuses Noise on 1 head x 4 positions (asks for 4 positions) although pyvene's forward runs it",
 }
@@ -151,12 +147,6 @@ def test_identity_reproduces_factual_text_every_family(family):
 @pytest.mark.parametrize("component", M.COMPONENTS[1:])
 @pytest.mark.parametrize("kind", IDENTITY)
 def test_identity_every_component(kind, component):
-    if component.startswith("head_") and kind in ("Addition", "Subtraction"):
-        with pytest.raises(ValueError, match="cannot be broadcasted into base"):  # a fix makes this test fail
-            identity("llama", kind, component)
-        pytest.xfail("h.pos head units with source_representations: cfgen hands pyvene a [rows, 1, d] source for a "
-                     "[rows, heads, positions, d] base (ValueError from pyvene's broadcast); pyvene's own forward "
-                     "accepts the [d] vector")
     identity("llama", kind, component)
 
 
