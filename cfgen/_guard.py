@@ -43,13 +43,7 @@ def model_lock(model: torch.nn.Module) -> threading.RLock:
 
 
 def _snapshot(model: torch.nn.Module) -> list[tuple[dict, dict]]:
-    saved = []
-    for module in model.modules():
-        for name in _HOOK_DICTS:
-            d = getattr(module, name, None)
-            if d:
-                saved.append((d, dict(d)))
-    return saved
+    return [(d, dict(d)) for d in _hook_dicts(model) if d]
 
 
 def _hook_dicts(model: torch.nn.Module) -> Iterator[dict]:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from . import distributed  # stdlib only at import: keeps `cfgen --help` fast
+
 __all__ = ["main"]
 
 
@@ -301,7 +303,7 @@ def _run(args, prompts: list[str], observed: list[str], sampler, settings: dict,
         if existing is not None and not todo and not existing.torn:
             print(f"cfgen run: {args.out} already holds all {existing.records} records of this run; nothing to do")
             return 0
-        batches = [todo[at:at + args.batch_size] for at in range(0, len(todo), args.batch_size)]
+        batches = [[todo[i] for i in b] for b in distributed.batches_of(len(todo), args.batch_size)]
 
     import torch
     from tqdm.auto import tqdm
@@ -398,8 +400,6 @@ def _run_ranks(args, prompts: list[str], observed: list[str], sampler, settings:
 
     import torch.distributed as dist
 
-    from . import distributed
-
     if not args.out:
         raise _Usage("under torchrun, give --out FILE: the ranks' records are merged into it")
     final = Path(args.out)
@@ -423,7 +423,7 @@ def _run_ranks(args, prompts: list[str], observed: list[str], sampler, settings:
                 done |= _read_existing(path, settings, prompts, observed, args.num_samples, args.seed).done
             dist.barrier()  # every rank has read the parts before any rank appends to its own
             todo = [i for i in range(len(prompts)) if i not in done]
-            batches = [todo[at:at + args.batch_size] for at in range(0, len(todo), args.batch_size)]
+            batches = [[todo[i] for i in b] for b in distributed.batches_of(len(todo), args.batch_size)]
             try:
                 assigned = distributed.assign(len(batches), ctx.rank, ctx.world_size)
             except ValueError as err:

@@ -306,12 +306,7 @@ def check_ids(model, seqs: list[list[int]], name: str) -> None:
     """Every token id inside the model's vocabulary."""
     vocab = vocab_size(model)
     for i, ids in enumerate(seqs):
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"{name}[{i}] holds token id(s) {bad[:5]} outside the model's vocabulary [0, {vocab}): "
-                "the tokenizer does not belong to this model"
-            )
+        checks.token_ids(ids, f"{name}[{i}]", vocab_size=vocab)
 
 
 def check_context(model, prompt_ids: list[list[int]], max_new: list[int]) -> None:
