@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import itertools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -482,6 +483,15 @@ _PER_UNIT = ("DistributedRepresentationIntervention", "AutoencoderIntervention",
              "CollectIntervention")  # pyvene slices a flattened Collect to its first unit
 
 
+def _module_device(module) -> Optional[torch.device]:
+    """Where an intervention's parameters and buffers are (None: it has none, or is not a module)."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return None
+
+
 def _one_position_per_unit(iv, forward: Callable) -> Callable:
     """Distributed interventions built without ``keep_last_dim=True`` (RotatedSpace, LowRank, Boundless,
     SigmoidMaskRotated, Autoencoder; and Collect) see ``[batch, units * d]`` and expect one unit: apply them
@@ -565,8 +575,12 @@ class PyveneRunner:
     @contextlib.contextmanager
     def active(self):
         """Patch each intervention's forward so unscheduled (row, unit) pairs keep their base value."""
-        saved, fast = {}, self.pv.use_fast
+        saved, fast, get_device = {}, self.pv.use_fast, self.pv.__dict__.get("get_device")
         self.pv.use_fast = False  # pyvene's fast path applies row 0's locations to every row
+        # pyvene builds its gather / scatter indices on model.device (the first device of a model split over
+        # several); None makes them on each activation's own device, which is model.device on one device.
+        self.pv.get_device = lambda: None
+        self._moved: dict[str, torch.device] = {}
         for key in self.keys:
             iv = self.pv.interventions[key]
             saved[key] = iv.__dict__.get("forward")
@@ -575,12 +589,18 @@ class PyveneRunner:
             yield self
         finally:
             self.pv.use_fast = fast
+            if get_device is None:
+                del self.pv.get_device
+            else:
+                self.pv.get_device = get_device
             for key, fwd in saved.items():
                 iv = self.pv.interventions[key]
                 if fwd is None:
                     del iv.forward
                 else:
                     iv.forward = fwd
+            for key, device in self._moved.items():  # back where the user keeps them
+                self.pv.interventions[key].to(device)
 
     masked = active
 
@@ -588,6 +608,13 @@ class PyveneRunner:
         forward = _one_position_per_unit(self.pv.interventions[key], forward)
 
         def run(base, source=None, subspaces=None, **kwargs):
+            if key not in self._moved:  # an intervention runs where its layer runs (a model split over devices)
+                where = _module_device(self.pv.interventions[key])
+                if where is not None and where != base.device:
+                    self._moved[key] = where
+                    self.pv.interventions[key].to(base.device)
+            if isinstance(source, torch.Tensor):
+                source = source.to(base.device)
             if key in self._collect_at:
                 at, valid = self._collect_at[key]
                 self.collected[key].append((base.detach().reshape(at.shape[0], at.shape[1], -1).clone(), at, valid))
@@ -597,6 +624,7 @@ class PyveneRunner:
             kept = base.clone()  # some pyvene interventions (e.g. AdditionIntervention) write into base
             out = forward(base, source, subspaces, **kwargs)
             tensor = getattr(out, "output", out)
+            mask = mask.to(tensor.device)
             k = mask.shape[1]
             if tensor.dim() == 3 and tensor.shape[1] == k:
                 m = mask[:, :, None]
@@ -642,7 +670,7 @@ class PyveneRunner:
             for r in range(n):
                 acts, where = [], []
                 for value, at, valid in calls:
-                    sel = valid[r]
+                    sel = valid[r].to(value.device)
                     acts.append(value[r][sel])
                     where += at[r][sel].tolist()
                 if acts:
