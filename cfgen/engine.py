@@ -131,13 +131,22 @@ def resolve_models(model) -> Models:
 
 
 def _check_devices(model) -> None:
-    """Weights left on the meta device with no accelerate hook to bring them in cannot be run."""
-    if any(p.device.type == "meta" for p in model.parameters()) and not any(
-            hasattr(m, "_hf_hook") for m in model.modules()):
+    """A model spread over devices (or left on 'meta') runs only with accelerate's hooks moving its activations."""
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return
+    devices = {p.device for p in model.parameters()}
+    if any(d.type == "meta" for d in devices):
         raise ValueError(
             f"the {type(model).__name__} has weights on the 'meta' device and no accelerate hook that loads them: "
             "load it with from_pretrained(..., device_map=...) (accelerate dispatches and offloads it) or "
             "materialise it (to_empty + load_state_dict) first"
+        )
+    if len(devices) > 1:
+        raise ValueError(
+            f"the {type(model).__name__} has weights on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}) "
+            "and no accelerate hooks to move activations between them: load it with from_pretrained(..., "
+            "device_map=...) or place it with accelerate.dispatch_model(model, device_map=...), or move it to one "
+            "device with model.to(device)"
         )
 
 

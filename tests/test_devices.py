@@ -114,6 +114,14 @@ def test_split_model_gives_the_one_device_tokens(build):
                 assert "get_device" not in vars(pm)  # pyvene's own method again
 
 
+def test_a_model_on_two_devices_without_hooks_is_refused_up_front():
+    with VirtualDevices():
+        model = tiny_llama(vocab_size=40).requires_grad_(False)
+        model.model.layers[1].to("vgpu:1")  # moved by hand: nothing moves the activations across
+        with pytest.raises(ValueError, match=r"2 devices \(cpu, vgpu:1\).*dispatch_model"):
+            cfgen.generate(steer(model), TOK, ["abcd"], max_new_tokens=2, seed=0)
+
+
 def test_virtual_devices_refuse_mixed_operands():
     """The emulation is strict where CUDA is: without it the test above could not fail."""
     with VirtualDevices():
