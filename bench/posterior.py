@@ -7,8 +7,9 @@ tokens after a short prompt, times
 2. ``cfgen.posterior_noise`` on the T continuation positions (one seed per row),
    with the fused C kernel (``CFGEN_BACKEND=native``, the CPU default; the
    first call in the process, which loads or builds the kernel, is reported
-   separately) and with the eager torch kernels (``CFGEN_BACKEND=eager``, the
-   fallback, also what runs on GPU);
+   separately), with the eager torch kernels (``CFGEN_BACKEND=eager``, the
+   fallback, also what runs on GPU by default) and with the ``torch.compile``
+   kernels (``CFGEN_BACKEND=compiled``, any device; ``--no-compiled`` skips them);
 3. the reference: the published method (Ravfogel et al., "Gumbel Counterfactual
    Generation From Language Models", arXiv 2411.07180) as its authors' code
    runs it: a Python loop over rows and steps, in numpy float64, that
@@ -34,6 +35,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -149,6 +151,8 @@ def main() -> None:
         help="where the model and cfgen run, e.g. cpu or cuda (default cpu); off the CPU the native row is "
         "left out (the C kernel is CPU-only) and the reference loops run on a CPU copy of the logits",
     )  # fmt: skip
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="leave out the CFGEN_BACKEND=compiled row (torch.compile: tens of seconds to build)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -192,6 +196,24 @@ def main() -> None:
         assert torch.equal(sampler.sample(logits, u_native), tokens), "cfgen posterior (native) does not reproduce the tokens"
     t_eager, u_eager = timed(with_backend("eager", posterior), R, device)
     assert torch.equal(sampler.sample(logits, u_eager), tokens), "cfgen posterior (eager) does not reproduce the tokens"
+    compiled_rows, compiled_bits = [], ""
+    if not args.no_compiled:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:  # the kernels build and self-check, or warn
+            warnings.simplefilter("always")
+            with_backend("compiled", posterior)()
+        t_build = time.perf_counter() - t0
+        failed = [str(w.message) for w in caught if "compiled kernels are unavailable" in str(w.message)]
+        if failed:
+            print(failed[0])
+            compiled_bits = "; compiled: unavailable here, row left out"
+        else:
+            t_compiled, u_compiled = timed(with_backend("compiled", posterior), R, device)
+            assert torch.equal(sampler.sample(logits, u_compiled), tokens), "compiled posterior misses the tokens"
+            compiled_bits = f"; compiled == eager bits: {torch.equal(u_compiled, u_eager)}"
+            compiled_rows = [(f"cfgen posterior_noise, compiled ({device.type})", t_compiled, True),
+                             ("cfgen posterior_noise, compiled (1st call)", t_build, False)]
+            del u_compiled
     if on_cpu:
         same_bits = str(torch.equal(u_eager, u_native) and torch.equal(u_cold, u_native))
         del u_cold, u_native
@@ -232,6 +254,7 @@ def main() -> None:
                  ("cfgen posterior_noise, native (1st call)", t_cold, False)]  # fmt: skip
     rows += [
         (f"cfgen posterior_noise, eager torch ({device.type})", t_eager, True),
+        *compiled_rows,
         ("reference loop, numpy float64 (published)", t_ref, True),
         ("reference loop, torch float32 port (CPU)", t_port, True),
     ]
@@ -242,11 +265,10 @@ def main() -> None:
         vs_native = f"{t / t_native:9.2f}x" if on_cpu and name.startswith("cfgen") else " " * 10
         ratios = f"{vs_native}{t_ref / t:16.2f}x{t_port / t:11.2f}x" if vs_ref else ""
         print(f"{name:46s}{t:9.3f}{t / t_forward:11.3f}{ratios}")
-    if on_cpu:
-        print("(1st call: the first native call in this process: loading, or on a fresh machine compiling,")
-        print(" the kernel, and its bit-for-bit self-check against the eager code)")
+    print("(1st call: the first call in this process: loading, or on a fresh machine compiling, the kernels,")
+    print(" and their bit-for-bit self-check against the eager code)")
     print()
-    print(f"tokens reproduced: cfgen (every backend run) yes, reference yes, port yes; native == eager bits: {same_bits}")
+    print(f"tokens reproduced: cfgen (every backend run) yes, reference yes, port yes; native == eager bits: {same_bits}{compiled_bits}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ rebuilt, never loaded) and loaded with ctypes, whose calls release the GIL, so r
 ``torch.get_num_threads()`` threads. Before first use its output is compared
 with the eager torch code bit for bit; any failure (no C compiler, an exotic
 platform, a mismatch) falls back to the eager path with one warning.
-``CFGEN_BACKEND=eager`` skips the kernels, ``native`` makes failures errors.
+``CFGEN_BACKEND=eager`` skips the kernels, ``native`` makes failures errors,
+``compiled`` uses ``torch.compile`` kernels instead (``_compiled.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from ._ieee import log_softmax32
 from .models import cache_root
 
-_CHOICES = ("auto", "native", "eager")
+_CHOICES = ("auto", "native", "eager", "compiled")
 _SOURCE = Path(__file__).with_name("_native.c")
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -40,7 +41,7 @@ _pool: Optional[ThreadPoolExecutor] = None
 
 
 def backend() -> str:
-    """The kernel choice from ``CFGEN_BACKEND`` (``auto``, ``native`` or ``eager``)."""
+    """The kernel choice from ``CFGEN_BACKEND`` (``auto``, ``native``, ``eager`` or ``compiled``)."""
     choice = os.environ.get("CFGEN_BACKEND", "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"CFGEN_BACKEND={choice!r}; use one of {', '.join(_CHOICES)}")
@@ -168,7 +169,7 @@ def library(device: Optional[torch.device] = None) -> Optional[ctypes.CDLL]:
     """The checked native library, or None where the eager path should run (always off the CPU)."""
     global _lib, _failed
     choice = backend()
-    if choice == "eager" or (device is not None and torch.device(device).type != "cpu"):
+    if choice in ("eager", "compiled") or (device is not None and torch.device(device).type != "cpu"):
         return None
     if _lib is not None:
         return _lib

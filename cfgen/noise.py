@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _eager, _native
+from . import _compiled, _eager, _native
 
 __all__ = ["gumbel_noise", "uniform_bits", "PRIOR", "POSTERIOR_MAX", "POSTERIOR_TRUNCATED", "ALTERNATIVE"]
 
@@ -112,4 +112,4 @@ def gumbel_noise(
     lib = _native.library(s.device)
     if lib is not None:
         return _native.gumbel(lib, k1, k2, vocab_size)
-    return _eager.gumbel(k1, k2, vocab_size)
+    return (_compiled.kernels(s.device) or _eager).gumbel(k1, k2, vocab_size)

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _eager, _native
+from . import _compiled, _eager, _native
 from ._ieee import fixed_point_bits
 from .noise import POSTERIOR_MAX, POSTERIOR_TRUNCATED, gumbel_noise
 from .sampler import Sampler
@@ -156,7 +156,7 @@ def posterior_noise(
     if lib is not None:
         u, impossible = _native.posterior(lib, z, y, k1, k2, m[:, 0], fixed_point_bits(vocab))
     else:
-        u, impossible = _eager.posterior(z, y, k1, k2, m[:, 0])
+        u, impossible = (_compiled.kernels(z.device) or _eager).posterior(z, y, k1, k2, m[:, 0])
     if bool(impossible.any()):
         i = int(impossible.nonzero()[0])
         given = None if step is None else int(torch.broadcast_to(torch.as_tensor(step), tokens.shape).reshape(-1)[i])

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _eager, _native
+from . import _compiled, _eager, _native
 from ._ieee import fixed_point_bits
 
 __all__ = ["Sampler", "check_logits"]
@@ -129,10 +129,12 @@ class Sampler:
             tensor([-inf, 0., -inf])
         """
         z = self.support_logits(logits)
-        lib = _native.library(z.device) if z.numel() else None
-        if lib is None:
+        if not z.numel():
             return _eager.log_softmax(z)
-        return _native.log_softmax(lib, z.reshape(-1, z.shape[-1]), fixed_point_bits(z.shape[-1])).reshape(z.shape)
+        lib = _native.library(z.device)
+        if lib is not None:
+            return _native.log_softmax(lib, z.reshape(-1, z.shape[-1]), fixed_point_bits(z.shape[-1])).reshape(z.shape)
+        return (_compiled.kernels(z.device) or _eager).log_softmax(z)
 
     def support_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits after the temperature, ``-inf`` outside the support (not normalised).

@@ -197,7 +197,7 @@ def test_native_posterior_reports_impossible_observation(monkeypatch):
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CFGEN_BACKEND", "turbo")
-    with pytest.raises(ValueError, match="use one of auto, native, eager"):
+    with pytest.raises(ValueError, match="use one of auto, native, eager, compiled"):
         cfgen.gumbel_noise(0, 0, 4)
 
 
