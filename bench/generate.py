@@ -39,15 +39,27 @@ STORIES = ["Once upon a time, in a quiet harbour town,", "The robot looked at th
            "Every morning, the gardener", "High above the city, a lonely cloud"]
 
 
+LAYER = 9  # the shipped steering vector's layer; the 8B-shaped model is steered there too
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 
 
-def _setup(model_kind: str = "embedded", device: str = "cpu"):
+def tokenizer_only(path=None):
+    """The embedded model's tokenizer, from ``path`` (a folder with its tokenizer files) or the installed model."""
+    import transformers
+
+    if path is None:
+        from cfgen.models import default_model_dir
+
+        path = default_model_dir()
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _setup(model_kind: str = "embedded", device: str = "cpu", tokenizer=None, layers=None):
     import cfgen
 
-    model, tok = cfgen.load_default_model()
     if model_kind == "embedded":
+        model, tok = cfgen.load_default_model()
         model = model.to(device)
         steer = cfgen.catalogue.load("steering_dark", model)
         vector = next(iter(steer.interventions.values())).source_representation
@@ -55,12 +67,14 @@ def _setup(model_kind: str = "embedded", device: str = "cpu"):
     import pyvene as pv
     import transformers
 
-    cfg = transformers.LlamaConfig(**LLAMA3_8B, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    tok = tokenizer_only(tokenizer)
+    shapes = {**LLAMA3_8B, **({"num_hidden_layers": max(layers, LAYER + 1)} if layers else {})}
+    cfg = transformers.LlamaConfig(**shapes, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                    eos_token_id=tok.eos_token_id)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     vector = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-    steer = pv.IntervenableModel({"layer": 9, "component": "block_output", "intervention": pv.AdditionIntervention(
+    steer = pv.IntervenableModel({"layer": LAYER, "component": "block_output", "intervention": pv.AdditionIntervention(
         embed_dim=cfg.hidden_size, source_representation=vector)}, model)
     return cfgen, model, tok, steer, vector
 
@@ -74,7 +88,7 @@ def _hf_generate(model, tok, prompts, n, hook_vector=None, logits_processor=None
     enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     handle = None
     if hook_vector is not None:
-        handle = model.model.layers[9].register_forward_hook(
+        handle = model.model.layers[LAYER].register_forward_hook(
             lambda mod, args, out: (out[0] + hook_vector,) + tuple(out[1:]) if isinstance(out, tuple) else out + hook_vector)
     try:
         kw = dict(do_sample=True, temperature=1.0, top_k=0) if do_sample else dict(do_sample=False)
@@ -86,8 +100,8 @@ def _hf_generate(model, tok, prompts, n, hook_vector=None, logits_processor=None
 
 
 def measure(name: str, batch: int, tokens: int, strings: int, model_kind: str = "embedded",
-            device: str = "cpu") -> dict:
-    cfgen, model, tok, steer, vector = _setup(model_kind, device)
+            device: str = "cpu", tokenizer=None, layers=None) -> dict:
+    cfgen, model, tok, steer, vector = _setup(model_kind, device, tokenizer, layers)
     if device == "cpu":
         torch.set_num_threads(1)
     prompts = (STORIES * 8)[:batch]
@@ -167,24 +181,31 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", choices=["embedded", "llama3-8b-shapes"],
                         help="the embedded model, or a random bf16 model with Llama-3-8B's shapes")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the pair table, e.g. 1,8,64")
+    parser.add_argument("--tokenizer", help="with --model llama3-8b-shapes: a folder holding the embedded model's "
+                        "tokenizer files (default: the installed embedded model's); lets a GPU machine without the "
+                        "embedded model's weights run the 8B-shaped benchmark")
+    parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)  # fewer 8B-shaped layers: a smoke run
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens, strings = (16, 8) if args.quick else (64, 32)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.batch, tokens, strings, args.model, args.device)))
+        print(json.dumps(measure(args.measure, args.batch, tokens, strings, args.model, args.device, args.tokenizer,
+                                 args.layers)))
         return
 
     def run(name, batch=1):
         cmd = [sys.executable, __file__, "--measure", name, "--batch", str(batch), "--device", args.device,
-               "--model", args.model] + (["--quick"] if args.quick else [])
+               "--model", args.model] + (["--quick"] if args.quick else []) + \
+            (["--tokenizer", args.tokenizer] if args.tokenizer else []) + (["--layers", str(args.layers)] if args.layers else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def row(label, m, note=""):
         print(f"{label:46s} {m['seconds']:9.2f} {m['peak_mib']:9.0f}  {note}")
 
-    what = "embedded SmolLM2-135M-Instruct" if args.model == "embedded" else "random bf16 Llama-3-8B shapes"
+    what = "embedded SmolLM2-135M-Instruct" if args.model == "embedded" else \
+        f"random bf16 Llama-3-8B shapes{f' ({max(args.layers, LAYER + 1)} layers)' if args.layers else ''}"
     threads = "1 thread, " if args.device == "cpu" else ""
     print(f"{what} on {args.device}, steering at layer 9, {tokens} new tokens, {threads}fresh process each")
     print(f"{'measurement':46s} {'seconds':>9s} {'peak MiB':>9s}  ratio")

@@ -22,7 +22,10 @@ tokens after a short prompt, times
 Every posterior is checked to reproduce the sampled tokens, and the native and
 eager noise to be bit-identical. ``--device cuda`` runs the model and cfgen on
 a GPU (the eager kernels; the C kernel is CPU-only), checks the GPU noise
-against the CPU's bit for bit, and times the reference loops on the CPU. One
+against the CPU's bit for bit, and times the reference loops on the CPU.
+``--model llama3-8b-shapes`` replaces the embedded model by a randomly
+initialised bf16 model with Llama-3-8B's shapes (V = 128256; only the
+embedded tokenizer's files are needed, ``--tokenizer DIR``). One
 table gives every row's ratio to the forward pass, to the native kernel and to
 the reference loops. Uses only cfgen's public API, numpy, torch and
 transformers. Run ``python bench/posterior.py --help``.
@@ -151,6 +154,13 @@ def main() -> None:
         help="where the model and cfgen run, e.g. cpu or cuda (default cpu); off the CPU the native row is "
         "left out (the C kernel is CPU-only) and the reference loops run on a CPU copy of the logits",
     )  # fmt: skip
+    parser.add_argument("--model", default="embedded", choices=["embedded", "embedded-shapes", "llama3-8b-shapes"],
+                        help="the embedded model (float32, V=49152), a randomly initialised float32 model with its "
+                        "shapes (from the config beside --tokenizer's files), or a randomly initialised bf16 model "
+                        "with Llama-3-8B's shapes (V=128256); speed needs no trained weights")
+    parser.add_argument("--tokenizer", help="with --model llama3-8b-shapes: a folder holding the embedded model's "
+                        "tokenizer files (default: the installed embedded model's)")
+    parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)  # fewer layers: a smoke run
     parser.add_argument("--no-compiled", action="store_true",
                         help="leave out the CFGEN_BACKEND=compiled row (torch.compile: tens of seconds to build)")
     args = parser.parse_args()
@@ -161,8 +171,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     B, T, R = args.batch, args.new_tokens, args.repeats
 
-    model, tok = cfgen.load_default_model()
-    model = model.to(device)
+    name = "embedded SmolLM2-135M-Instruct (float32"
+    if args.model == "embedded":
+        model, tok = cfgen.load_default_model()
+        model = model.to(device)
+    elif args.model == "embedded-shapes":
+        import transformers
+        from generate import tokenizer_only  # bench/ is on sys.path when this script runs
+
+        tok = tokenizer_only(args.tokenizer)
+        cfg = transformers.AutoConfig.from_pretrained(tok.name_or_path)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        name = "random weights, SmolLM2-135M-Instruct shapes (float32"
+    else:
+        import transformers
+        from generate import LLAMA3_8B, tokenizer_only  # bench/ is on sys.path when this script runs
+
+        tok = tokenizer_only(args.tokenizer)
+        shapes = {**LLAMA3_8B, **({"num_hidden_layers": args.layers} if args.layers else {})}
+        cfg = transformers.LlamaConfig(**shapes, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        name = f"random Llama-3-8B shapes, {cfg.num_hidden_layers} layers (bfloat16"
     V = model.config.vocab_size
     sampler = cfgen.Sampler()  # temperature 1, full vocabulary: the published method's setting
     seeds = torch.arange(B, dtype=torch.int64) + 1000
@@ -239,7 +273,7 @@ def main() -> None:
     # The table.
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     where = "CPU" if on_cpu else f"{device}: {torch.cuda.get_device_name(device)}"
-    print(f"cfgen {cfgen.__version__} bench/posterior.py: embedded SmolLM2-135M-Instruct (float32, {where})")
+    print(f"cfgen {cfgen.__version__} bench/posterior.py: {name}, {where})")
     print(
         f"B={B} sequences x T={T} sampled tokens after a {P}-token prompt ({P + T} positions), V={V}; "
         f"sampler: {sampler.describe()}"
