@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import _eager, _ieee
+from ._native import backend
 
 __all__ = ["kernels"]
 
@@ -62,8 +63,6 @@ def _build() -> SimpleNamespace:
 
 def kernels(device) -> Optional[SimpleNamespace]:
     """The checked compiled kernels for ``device``, or None (another backend chosen, or they failed here)."""
-    from ._native import backend
-
     if backend() != "compiled":
         return None
     key = str(torch.device(device))
