@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -29,14 +28,14 @@ import torch
 from . import _eager, _ieee
 from ._native import backend
 
-__all__ = ["kernels"]
+__all__ = ["kernels", "Kernels"]
 
 # Inductor settings that keep eager IEEE arithmetic (see the module docstring).
 OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
            "eager_numerics.disable_ftz": True}
 
 _lock = threading.Lock()
-_checked: dict[str, Optional[SimpleNamespace]] = {}
+_checked: dict[str, Optional[Kernels]] = {}
 
 
 def _gumbel(k1: torch.Tensor, k2: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -51,17 +50,54 @@ def _posterior(z, y, k1, k2, m, token):
     return a, u.scatter(1, y[:, None], m[:, None] - a_y), a_y[:, 0]
 
 
-def _build() -> SimpleNamespace:
-    compile_ = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True, options=OPTIONS)  # noqa: E731
-    fused = SimpleNamespace(gumbel_rows=compile_(_gumbel), log_softmax_rows=compile_(_ieee.log_softmax32),
-                            posterior_rows=compile_(_posterior))
-    fused.gumbel = lambda k1, k2, vocab: gumbel(fused, k1, k2, vocab)
-    fused.log_softmax = lambda z: log_softmax(fused, z)
-    fused.posterior = lambda z, y, k1, k2, m: posterior(fused, z, y, k1, k2, m)
-    return fused
+class Kernels:
+    """The compiled functions, with ``_eager``'s signatures for ``gumbel``, ``log_softmax`` and ``posterior``."""
+
+    def __init__(self) -> None:
+        def compiled(fn):
+            return torch.compile(fn, dynamic=True, fullgraph=True, options=OPTIONS)
+
+        self._gumbel, self._log_softmax, self._posterior = compiled(_gumbel), compiled(_ieee.log_softmax32), \
+            compiled(_posterior)
+
+    def gumbel(self, k1: torch.Tensor, k2: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``_eager.gumbel``, a block of rows at a time."""
+        out = torch.empty(len(k1), vocab, dtype=torch.float32, device=k1.device)
+        token = torch.arange(vocab, dtype=torch.int64, device=k1.device)
+        block = _eager._block_rows(k1.device, max(1, len(k1)), vocab)
+        for lo in range(0, len(k1), block):
+            out[lo:lo + block] = self._gumbel(k1[lo:lo + block], k2[lo:lo + block], token)
+        return out
+
+    def log_softmax(self, z: torch.Tensor) -> torch.Tensor:
+        """``_eager.log_softmax``."""
+        flat = z.reshape(-1, z.shape[-1])
+        out = torch.empty(flat.shape, dtype=torch.float32, device=z.device)
+        block = _eager._block_rows(z.device, max(1, len(flat)), z.shape[-1])
+        for lo in range(0, len(flat), block):
+            out[lo:lo + block] = self._log_softmax(flat[lo:lo + block])
+        return out.reshape(z.shape)
+
+    def posterior(self, z, y, k1, k2, m) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_eager.posterior`` (same contract: the noise, and which rows are impossible)."""
+        rows, vocab = z.shape
+        out = torch.empty(rows, vocab, dtype=torch.float32, device=z.device)
+        impossible = torch.zeros(rows, dtype=torch.bool, device=z.device)
+        token = torch.arange(vocab, dtype=torch.int64, device=z.device)
+        block = _eager._block_rows(z.device, max(1, rows), vocab)
+        for lo in range(0, rows, block):
+            hi = min(lo + block, rows)
+            a, u, a_y = self._posterior(z[lo:hi], y[lo:hi], k1[lo:hi], k2[lo:hi], m[lo:hi], token)
+            bad = torch.isneginf(a_y)
+            if bool(bad.any()):
+                impossible[lo:hi] = bad
+                return torch.empty(0), impossible
+            _eager.ensure_argmax(a, u, y[lo:hi])
+            out[lo:hi] = u
+        return out, impossible
 
 
-def kernels(device) -> Optional[SimpleNamespace]:
+def kernels(device) -> Optional[Kernels]:
     """The checked compiled kernels for ``device``, or None (another backend chosen, or they failed here)."""
     if backend() != "compiled":
         return None
@@ -70,9 +106,9 @@ def kernels(device) -> Optional[SimpleNamespace]:
         with _lock:
             if key not in _checked:
                 try:
-                    fused = _build()
-                    _self_check(fused, torch.device(device))
-                    _checked[key] = fused
+                    built = Kernels()
+                    _self_check(built, torch.device(device))
+                    _checked[key] = built
                 except Exception as err:  # no C++ compiler / Triton, an unsupported device, a mismatch
                     _checked[key] = None
                     warnings.warn(
@@ -82,7 +118,7 @@ def kernels(device) -> Optional[SimpleNamespace]:
     return _checked[key]
 
 
-def _self_check(fused: SimpleNamespace, device: torch.device) -> None:
+def _self_check(fused: Kernels, device: torch.device) -> None:
     """Compare with the eager code (on the CPU) on inputs that reach every branch."""
     seeds = torch.tensor([0, 1, 2**40 + 3], dtype=torch.int64)
     k1, k2 = _eager.row_keys(seeds, seeds * 7, 0)
@@ -98,41 +134,3 @@ def _self_check(fused: SimpleNamespace, device: torch.device) -> None:
     if not same:
         raise RuntimeError("the compiled kernels do not reproduce the eager torch code bit for bit on this device")
 
-
-def gumbel(fused: SimpleNamespace, k1: torch.Tensor, k2: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``_eager.gumbel`` by the compiled kernel, a block of rows at a time."""
-    out = torch.empty(len(k1), vocab, dtype=torch.float32, device=k1.device)
-    token = torch.arange(vocab, dtype=torch.int64, device=k1.device)
-    block = _eager._block_rows(k1.device, max(1, len(k1)), vocab)
-    for lo in range(0, len(k1), block):
-        out[lo:lo + block] = fused.gumbel_rows(k1[lo:lo + block], k2[lo:lo + block], token)
-    return out
-
-
-def log_softmax(fused: SimpleNamespace, z: torch.Tensor) -> torch.Tensor:
-    """``_eager.log_softmax`` by the compiled kernel."""
-    flat = z.reshape(-1, z.shape[-1])
-    out = torch.empty(flat.shape, dtype=torch.float32, device=z.device)
-    block = _eager._block_rows(z.device, max(1, len(flat)), z.shape[-1])
-    for lo in range(0, len(flat), block):
-        out[lo:lo + block] = fused.log_softmax_rows(flat[lo:lo + block])
-    return out.reshape(z.shape)
-
-
-def posterior(fused: SimpleNamespace, z, y, k1, k2, m) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_eager.posterior`` (same contract: noise and impossible rows) by the compiled kernel."""
-    rows, vocab = z.shape
-    out = torch.empty(rows, vocab, dtype=torch.float32, device=z.device)
-    impossible = torch.zeros(rows, dtype=torch.bool, device=z.device)
-    token = torch.arange(vocab, dtype=torch.int64, device=z.device)
-    block = _eager._block_rows(z.device, max(1, rows), vocab)
-    for lo in range(0, rows, block):
-        hi = min(lo + block, rows)
-        a, u, a_y = fused.posterior_rows(z[lo:hi], y[lo:hi], k1[lo:hi], k2[lo:hi], m[lo:hi], token)
-        bad = torch.isneginf(a_y)
-        if bool(bad.any()):
-            impossible[lo:hi] = bad
-            return torch.empty(0), impossible
-        _eager.ensure_argmax(a, u, y[lo:hi])
-        out[lo:hi] = u
-    return out, impossible

@@ -5,13 +5,11 @@ Where a GPU is present the same comparison runs there (the point of the
 backend: Triton kernels with eager IEEE numerics).
 """
 
-import types
-
 import pytest
 import torch
 
 import cfgen
-from cfgen import _compiled, _eager
+from cfgen import _compiled
 
 from .conftest import CharTokenizer, tiny_llama
 
@@ -29,6 +27,7 @@ def _calls(device):
     z = torch.randn(37, 3001, generator=g) * 6
     z[3, ::7] = float("-inf")
     y = z.argmax(-1)
+    wide = torch.randn(20, 40000, generator=g)
     seeds, steps = torch.arange(37) * 11 + 2**33, torch.arange(37) % 5
     sampler = cfgen.Sampler(temperature=0.8, top_k=200)
     on = lambda t: t.to(device)  # noqa: E731
@@ -38,6 +37,9 @@ def _calls(device):
         lambda: cfgen.Sampler().log_probs(on(z[:5]).reshape(5, 1, 3001)),
         lambda: cfgen.posterior_noise(on(z), on(y), sampler=sampler, seed=on(seeds), step=on(steps)),
         lambda: cfgen.posterior_noise(on(z[:4, None]), on(y[:4, None]), seed=3),  # int seed, [B, 1, V]
+        # more rows than one block holds on the CPU (2**18 elements): the block loop
+        lambda: cfgen.posterior_noise(on(wide), on(wide.argmax(-1)), seed=on(torch.arange(20))),
+        lambda: cfgen.gumbel_noise(on(torch.arange(20)), 0, 40000, device=device),
     ]
 
 
@@ -64,14 +66,15 @@ def test_generation_is_unchanged_under_the_compiled_backend(compiled):
 
 
 def test_a_failed_self_check_falls_back_to_eager_with_one_warning(compiled):
-    build = _compiled._build
+    real = _compiled.Kernels
 
     def wrong_build():  # kernels that are off by one ulp in the posterior
-        bad = types.SimpleNamespace(**vars(build()))
-        bad.posterior = lambda *a: (torch.nextafter(_eager.posterior(*a)[0], torch.tensor(1e9)), _eager.posterior(*a)[1])
+        bad = real()
+        right = bad.posterior
+        bad.posterior = lambda *a: (torch.nextafter(right(*a)[0], torch.tensor(1e9)), right(*a)[1])
         return bad
 
-    compiled.setattr(_compiled, "_build", wrong_build)
+    compiled.setattr(_compiled, "Kernels", wrong_build)
     compiled.setattr(_compiled, "_checked", {})
     with pytest.warns(RuntimeWarning, match="compiled kernels are unavailable on cpu.*bit for bit"):
         u = cfgen.gumbel_noise(torch.tensor([1]), 0, 50)
