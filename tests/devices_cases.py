@@ -48,8 +48,8 @@ def vgpu():
         yield
 
 
-def model_on(device_map):
-    model = tiny_llama(vocab_size=40, init=0.4).requires_grad_(False)
+def model_on(device_map, dtype=torch.float32):
+    model = tiny_llama(vocab_size=40, init=0.4).to(dtype).requires_grad_(False)
     if device_map is None:
         return model
     return accelerate.dispatch_model(model, device_map=device_map)
@@ -116,6 +116,21 @@ def test_split_model_gives_the_one_device_tokens(build):
                 assert got == reference[name], (name, device_map is SPLIT)
                 assert {k: _device(iv) for k, iv in pm.interventions.items()} == before  # left where they were
                 assert "get_device" not in vars(pm)  # pyvene's own method again
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_split_model(dtype):
+    """bf16 / fp16 weights: the noise stays float32 on the logits' device, the tokens match the one-device model."""
+    def steer_half(model):
+        iv = pv.AdditionIntervention(embed_dim=D, source_representation=torch.linspace(-10, 10, D).to(dtype))
+        return pv.IntervenableModel({"layer": 1, "component": "block_output", "intervention": iv}, model)
+
+    kw = dict(max_new_tokens=6, seed=1, temperature=1.0, interventional=True)
+    reference = texts(cfgen.generate(steer_half(model_on(None, dtype)), TOK, ["abcd", "hello"], **kw))
+    assert reference[0] != reference[1]
+    with VirtualDevices():
+        got = texts(cfgen.generate(steer_half(model_on(SPLIT, dtype)), TOK, ["abcd", "hello"], **kw))
+    assert got == reference
 
 
 def test_a_model_on_two_devices_without_hooks_is_refused_up_front():
