@@ -56,6 +56,13 @@ _INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, tor
              torch.ops.aten._index_put_impl_.default}
 
 
+# What a wrapper reports about its shape is what its inner tensor has now.
+_METADATA = {torch.ops.aten.sym_size.default, torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.default,
+             torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
+             torch.ops.aten.sym_storage_offset.default, torch.ops.aten.is_contiguous.default,
+             torch.ops.aten.is_contiguous.memory_format}
+
+
 class VirtualTensor(torch.Tensor):
     """A CPU tensor that says it lives on a virtual accelerator (``vgpu:k``)."""
 
@@ -63,7 +70,8 @@ class VirtualTensor(torch.Tensor):
     def __new__(cls, inner: torch.Tensor, device: torch.device):
         t = torch.Tensor._make_wrapper_subclass(
             cls, inner.shape, strides=inner.stride(), storage_offset=inner.storage_offset(), dtype=inner.dtype,
-            device=device, requires_grad=inner.requires_grad, layout=inner.layout)
+            device=device, requires_grad=inner.requires_grad, layout=inner.layout,
+            dispatch_sizes_strides_policy="sizes")  # sizes asked of the inner tensor: in-place views change them
         t.inner = inner
         return t
 
@@ -75,6 +83,8 @@ class VirtualTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:
+            return func(*tree_map(_inner, args), **(kwargs or {}))
         raise RuntimeError(f"{func} on a virtual device tensor outside VirtualDevices()")
 
 
@@ -93,6 +103,8 @@ class VirtualDevices(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _METADATA:
+            return func(*tree_map(_inner, args), **kwargs)
         inner_args, inner_kwargs = tree_map(_inner, args), tree_map(_inner, kwargs)
         target = kwargs.get("device")
         if target is not None:  # a factory function or a move: made on the CPU, reported on the device asked for
@@ -115,6 +127,8 @@ class VirtualDevices(TorchDispatchMode):
 
 def _written_argument(func, args, kwargs):
     """The argument an in-place or out= operation writes and returns, if it is one."""
+    if torch.Tag.inplace_view in func.tags:  # squeeze_, t_, ...: a wrapper's shape cannot change; return a new one
+        return None
     returns = func._schema.returns
     if len(returns) != 1 or returns[0].alias_info is None or not returns[0].alias_info.is_write:
         return None

@@ -133,6 +133,21 @@ def test_half_precision_split_model(dtype):
     assert got == reference
 
 
+def test_scopes_on_a_device():
+    """Jacobian scopes (a backward pass) on a model placed on the accelerator give the CPU's scores.
+
+    One device only: torch's autograd engine knows one device of a Python backend, so a backward pass
+    through ``vgpu:1`` cannot run in this emulation (on real GPUs it can)."""
+    import cfgen.scopes
+
+    ref = cfgen.scopes.jacobian_scopes(model_on(None), [5, 6, 7, 8], target=9, tokenizer=TOK)
+    with VirtualDevices():
+        got = cfgen.scopes.jacobian_scopes(model_on(ONE), [5, 6, 7, 8], target=9, tokenizer=TOK)
+    assert set(got) == set(ref) == {"semantic", "temperature", "fisher"}
+    for kind in ref:  # off the CPU transformers' forward differs in the last bits: equal up to rounding
+        assert torch.allclose(got[kind].scores, ref[kind].scores, rtol=1e-4, atol=1e-5), kind
+
+
 def test_a_model_on_two_devices_without_hooks_is_refused_up_front():
     with VirtualDevices():
         model = tiny_llama(vocab_size=40).requires_grad_(False)
