@@ -1,4 +1,4 @@
-"""Several CUDA devices on a CPU-only machine, for testing that tensors follow a model split over GPUs.
+"""Several accelerators on a CPU-only machine, for testing that tensors follow a model split over GPUs.
 
 ``VirtualDevices()`` is a torch dispatch mode: inside it, a tensor moved to
 ``vgpu:k`` (``.to``, factory functions with ``device=``, ``module.to``) is a
@@ -118,7 +118,7 @@ class VirtualDevices(TorchDispatchMode):
             target = _common_device(func, args, kwargs)
         out = func(*inner_args, **inner_kwargs)
         written = _written_argument(func, args, kwargs)
-        if written is not None:  # in place (add_, __ixor__, out=): the argument itself, already updated
+        if written is not None:  # in place (add_, __ixor__, squeeze_, out=): the argument itself, already updated
             return written
         if target is None or target.type == "cpu":
             return out
@@ -127,8 +127,6 @@ class VirtualDevices(TorchDispatchMode):
 
 def _written_argument(func, args, kwargs):
     """The argument an in-place or out= operation writes and returns, if it is one."""
-    if torch.Tag.inplace_view in func.tags:  # squeeze_, t_, ...: a wrapper's shape cannot change; return a new one
-        return None
     returns = func._schema.returns
     if len(returns) != 1 or returns[0].alias_info is None or not returns[0].alias_info.is_write:
         return None
@@ -145,10 +143,7 @@ def _inner(x):
 def _common_device(func, args, kwargs) -> torch.device | None:
     """The one device of an operation's tensors, or the error CUDA raises when they are on several."""
     if func in _INDEXING:  # index tensors may stay on the CPU (torch moves them), or sit on the tensor's device
-        indices = args[1]
-        args = (args[0],) + tuple(args[2:])
-        host = [i for i in indices if isinstance(i, torch.Tensor) and i.device.type == "cpu"]
-        args += tuple(i for i in indices if i is not None and not any(i is h for h in host))
+        args = (args[0], [i for i in args[1] if i is not None and i.device.type != "cpu"], *args[2:])
     seen = set()
     for x in tree_flatten((args, kwargs))[0]:
         if isinstance(x, torch.Tensor) and (isinstance(x, VirtualTensor) or x.dim() > 0):
