@@ -172,7 +172,8 @@ def _refused(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- JSON checks
 
 
-def _read_json(folder: Path, name: str) -> Any:
+def _read_json_object(folder: Path, name: str, what: str) -> dict:
+    """The file's JSON object (``what`` names it in errors), size- and depth-limited."""
     path = _inside(folder, name, None, folder)
     size = path.stat().st_size
     if size > _MAX_JSON_BYTES:
@@ -185,11 +186,16 @@ def _read_json(folder: Path, name: str) -> Any:
         raise ValueError(f"{token} is not a JSON number")
 
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=constant)
     except RecursionError:
         raise FormatError(folder, name, None, "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(folder, name, None, f"invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FormatError(folder, name, None, f"the {what} must be a JSON object, got {type(value).__name__}")
+    if _depth(value) > _MAX_DEPTH:
+        raise FormatError(folder, name, None, f"JSON nested deeper than {_MAX_DEPTH} levels")
+    return value
 
 
 def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:
@@ -743,15 +749,11 @@ def _entry_name(i: int, entry: Any) -> str:
 
 def _load_cfgen(folder: Path, model: torch.nn.Module, device: torch.device, allowed: dict[str, type]):
     pv = _pyvene()
-    manifest = _read_json(folder, MANIFEST)
+    manifest = _read_json_object(folder, MANIFEST, "manifest")
 
     def bad(entry: Optional[str], problem: str) -> FormatError:
         return FormatError(folder, MANIFEST, entry, problem)
 
-    if not isinstance(manifest, dict):
-        raise bad(None, f"the manifest must be a JSON object, got {type(manifest).__name__}")
-    if _depth(manifest) > _MAX_DEPTH:
-        raise bad(None, f"JSON nested deeper than {_MAX_DEPTH} levels")
     unknown = sorted(set(manifest) - _MANIFEST_KEYS)
     if unknown:
         raise bad(None, f"unknown top-level key(s) {unknown}")
@@ -840,15 +842,11 @@ def _build(folder: Path, file: str, config: Any, model: torch.nn.Module, **kwarg
 
 def _load_pyvene(folder: Path, model: torch.nn.Module, device: torch.device, allowed: dict[str, type]):
     pv = _pyvene()
-    config = _read_json(folder, PYVENE_CONFIG)
+    config = _read_json_object(folder, PYVENE_CONFIG, "config")
 
     def bad(entry: Optional[str], problem: str) -> FormatError:
         return FormatError(folder, PYVENE_CONFIG, entry, problem)
 
-    if not isinstance(config, dict):
-        raise bad(None, f"the config must be a JSON object, got {type(config).__name__}")
-    if _depth(config) > _MAX_DEPTH:
-        raise bad(None, f"JSON nested deeper than {_MAX_DEPTH} levels")
     if "intervention_types" not in config or "representations" not in config:
         raise bad(None, "not a pyvene intervention config (no 'intervention_types' / 'representations'); "
                         "is this a model folder?")
