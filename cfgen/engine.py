@@ -589,7 +589,7 @@ class PyveneRunner:
         # pyvene builds its gather / scatter indices on model.device (the first device of a model split over
         # several); None makes them on each activation's own device, which is model.device on one device.
         self.pv.get_device = lambda: None
-        self._moved: dict[str, torch.device] = {}
+        self._home: dict[str, Optional[torch.device]] = {}  # key -> where it was before we moved it (None: not moved)
         for key in self.keys:
             iv = self.pv.interventions[key]
             saved[key] = iv.__dict__.get("forward")
@@ -608,8 +608,9 @@ class PyveneRunner:
                     del iv.forward
                 else:
                     iv.forward = fwd
-            for key, device in self._moved.items():  # back where the user keeps them
-                self.pv.interventions[key].to(device)
+            for key, device in self._home.items():  # back where the user keeps them
+                if device is not None:
+                    self.pv.interventions[key].to(device)
 
     masked = active
 
@@ -617,10 +618,10 @@ class PyveneRunner:
         forward = _one_position_per_unit(self.pv.interventions[key], forward)
 
         def run(base, source=None, subspaces=None, **kwargs):
-            if key not in self._moved:  # an intervention runs where its layer runs (a model split over devices)
+            if key not in self._home:  # once per call: an intervention runs where its layer runs (a split model)
                 where = _module_device(self.pv.interventions[key])
-                if where is not None and where != base.device:
-                    self._moved[key] = where
+                self._home[key] = where if where is not None and where != base.device else None
+                if self._home[key] is not None:
                     self.pv.interventions[key].to(base.device)
             if isinstance(source, torch.Tensor):
                 source = source.to(base.device)
